@@ -1,0 +1,137 @@
+"""grain access to a finished pair dataset: a random-access source and a MapDataset.
+
+Element i of `PairSource(folder)` is pair i, a dict of numpy arrays and scalars:
+{"index", "seed", "prompt", "z", "x", ...} (whatever the stage stored; see the
+manifest's "record"). Per-host sharding, shuffling, batching and a checkpointable
+iterator come from grain:
+
+  ds = pair_dataset(folder, batch_size=64, seed=0)        # this host's share
+  it = iter(ds.to_iter_dataset())
+  batch = next(it); state = it.get_state()                 # save with the train state
+  it.set_state(state)                                      # resume exactly there
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import os
+from typing import Any, Sequence, SupportsIndex
+
+import grain
+
+from d2g_jax.data import shards as fmt
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileInstruction:
+  """array_record's FileInstruction protocol: the reader skips counting records."""
+  filename: str
+  skip: int
+  take: int
+  examples_in_shard: int
+
+
+class PairSource:
+  """grain RandomAccessDataSource over the shards of a complete pair dataset.
+
+  Opening checks the manifest (format, completeness, contiguous indices) and each
+  shard file with `verify` ("none", "size": catches truncation, "sha256": reads every
+  file). Reads that hit a corrupt chunk raise ShardError naming the shard.
+  """
+
+  def __init__(self, folder: str, *, verify: str = "size"):
+    self.folder = folder
+    self.manifest = m = fmt.read_manifest(folder)
+    path = os.path.join(folder, fmt.MANIFEST)
+    if m["status"] != "complete":
+      raise fmt.ShardError(f"{path}: the pair dataset is not complete (status {m['status']!r}); "
+                           "run the pair stage again with the same command to finish it")
+    infos = m["shards"]
+    expected = 0
+    for info in infos:
+      if info["first_index"] != expected:
+        raise fmt.ShardError(f"{path}: shard {info['name']} starts at pair {info['first_index']}, "
+                             f"expected {expected}; the manifest is inconsistent")
+      expected += info["num_records"]
+    if expected != m["num_examples"] or len(infos) != m["num_shards"]:
+      raise fmt.ShardError(f"{path}: {len(infos)} shards with {expected} pairs; the manifest "
+                           f"announces {m['num_shards']} shards with {m['num_examples']}")
+    for info in infos:
+      fmt.check_shard(folder, info, verify)
+    self._paths = [os.path.join(folder, i["name"]) for i in infos]
+    self._starts = [i["first_index"] for i in infos]
+    self._source = grain.sources.ArrayRecordDataSource([
+        _FileInstruction(p, 0, i["num_records"], i["num_records"])
+        for p, i in zip(self._paths, infos)])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _shard_of(self, key: int) -> str:
+    return self._paths[bisect.bisect_right(self._starts, key) - 1]
+
+  def _decode(self, key: int, data: bytes) -> dict[str, Any]:
+    try:
+      record = fmt.decode_record(data)
+    except Exception as e:  # msgpack errors have no common base class
+      raise fmt.ShardError(f"pair {key} in shard {self._shard_of(key)} does not decode: {e}") from e
+    if record.get("index") != key:
+      raise fmt.ShardError(f"shard {self._shard_of(key)} holds pair {record.get('index')} where "
+                           f"pair {key} belongs")
+    return record
+
+  def __getitem__(self, key: SupportsIndex) -> dict[str, Any]:
+    key = key.__index__()
+    try:
+      data = self._source[key]
+    except RuntimeError as e:  # riegeli: truncated file, chunk hash mismatch, ...
+      raise fmt.ShardError(f"reading pair {key} from shard {self._shard_of(key)} failed: {e}. "
+                           "The shard is corrupt: delete it and its .json sidecar, then run "
+                           "the pair stage again.") from e
+    return self._decode(key, data)
+
+  def __getitems__(self, keys: Sequence[SupportsIndex]) -> list[dict[str, Any]]:
+    keys = [k.__index__() for k in keys]
+    try:
+      data = self._source.__getitems__(keys)
+    except RuntimeError:
+      return [self[k] for k in keys]  # read one by one to name the broken shard
+    return [self._decode(k, d) for k, d in zip(keys, data)]
+
+  def __repr__(self) -> str:
+    return f"PairSource({self.folder!r}, {len(self)} pairs in {len(self._paths)} shards)"
+
+
+def pair_dataset(folder: str, *, batch_size: int | None = None, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 drop_remainder: bool = True, verify: str = "size") -> grain.MapDataset:
+  """This host's pairs: shuffled globally (a new order each epoch), then split over hosts.
+
+  `batch_size` is per host. `num_epochs=None` repeats forever. Host defaults come from
+  `jax.process_index()` / `jax.process_count()`.
+  """
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  ds = grain.MapDataset.source(PairSource(folder, verify=verify))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds[process_index::process_count]
+  if batch_size:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds
+
+
+def verify_pairs(folder: str) -> dict[str, Any]:
+  """Full check of a pair dataset: every shard's sha256, every record decoded in order.
+
+  Returns the manifest; raises ShardError naming the first bad shard.
+  """
+  source = PairSource(folder, verify="sha256")
+  for start in range(0, len(source), 256):
+    source.__getitems__(range(start, min(start + 256, len(source))))
+  return source.manifest

@@ -1,0 +1,135 @@
+"""Building blocks shared by the UNet and the VAE, named as diffusers names them.
+
+Legend: B batch, H/W height/width, C channels, D embedding width.
+All tensors are NHWC. Norms and the timestep embedding run in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+
+def timestep_embedding(t_B: jax.Array, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `Timesteps`."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+  freqs = jnp.exp(exponent / (half - downscale_freq_shift))
+  emb_BxF = scale * t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(emb_BxF), jnp.cos(emb_BxF)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def activation(name: str):
+  fns = {"silu": nn.silu, "swish": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False),
+         "mish": lambda x: x * jnp.tanh(nn.softplus(x)), "relu": nn.relu}
+  if name not in fns:
+    raise ValueError(f"unsupported activation {name!r}; supported: {sorted(fns)}")
+  return fns[name]
+
+
+def group_norm(num_groups: int, epsilon: float, param_dtype, name: str) -> nn.GroupNorm:
+  """torch.nn.GroupNorm over NHWC, statistics and output in fp32."""
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
+                      param_dtype=param_dtype, name=name)
+
+
+def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1,
+         padding: Any = None) -> nn.Conv:
+  pad = kernel // 2 if padding is None else padding
+  if isinstance(pad, int):
+    pad = ((pad, pad), (pad, pad))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
+                 dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class TimestepEmbedding(nn.Module):
+  """diffusers `TimestepEmbedding`: linear_1 -> act -> linear_2."""
+  time_embed_dim: int
+  act_fn: str = "silu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxF):
+    dense = lambda name: nn.Dense(self.time_embed_dim, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=name)
+    x = dense("linear_1")(x_BxF.astype(self.dtype))
+    return dense("linear_2")(activation(self.act_fn)(x))
+
+
+class ResnetBlock2D(nn.Module):
+  """diffusers `ResnetBlock2D` (time_embedding_norm="default"); `temb` optional (VAE)."""
+  out_channels: int
+  groups: int = 32
+  eps: float = 1e-6
+  act_fn: str = "silu"
+  output_scale_factor: float = 1.0
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, temb_BxD=None, deterministic: bool = True):
+    act = activation(self.act_fn)
+    gn = lambda name: group_norm(self.groups, self.eps, self.param_dtype, name)
+    h = act(gn("norm1")(x_BxHxWxC)).astype(self.dtype)
+    h = conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv1")(h)
+    if temb_BxD is not None:
+      t = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="time_emb_proj")(act(temb_BxD))
+      h = h + t[:, None, None, :]
+    h = act(gn("norm2")(h)).astype(self.dtype)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv2")(h)
+    residual = x_BxHxWxC
+    if x_BxHxWxC.shape[-1] != self.out_channels:
+      residual = conv(self.out_channels, 1, self.dtype, self.param_dtype, "conv_shortcut")(residual)
+    out = residual.astype(self.dtype) + h
+    if self.output_scale_factor != 1.0:
+      out = out / self.output_scale_factor
+    return out
+
+
+class Downsample2D(nn.Module):
+  """Strided 3x3 conv. `padding=0` is the VAE's asymmetric (0, 1) pad."""
+  out_channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+    return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv", stride=2,
+                padding=pad)(x_BxHxWxC)
+
+
+class Upsample2D(nn.Module):
+  """Nearest-neighbour upsampling (2x, or to `output_size`) followed by a 3x3 conv."""
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, output_size: tuple[int, int] | None = None):
+    b, h, w, c = x_BxHxWxC.shape
+    oh, ow = output_size or (2 * h, 2 * w)
+    if (oh, ow) == (2 * h, 2 * w):
+      x = jnp.repeat(jnp.repeat(x_BxHxWxC, 2, axis=1), 2, axis=2)
+    else:  # torch "nearest": source index floor(dst * in / out)
+      rows = (jnp.arange(oh) * h) // oh
+      cols = (jnp.arange(ow) * w) // ow
+      x = x_BxHxWxC[:, rows][:, :, cols]
+    return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv")(x)

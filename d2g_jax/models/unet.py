@@ -1,0 +1,207 @@
+"""Flax UNet2DConditionModel (SD 1.5, SD 2.x, SDXL), parameter-compatible with diffusers.
+
+Legend: B batch, H/W latent height/width, C channels, S text tokens, E text width,
+D time-embedding width.
+
+    module = UNet(UNetConfig.preset("sd15"))
+    eps_BxHxWxC = module.apply({"params": params}, sample_BxHxWxC, timestep,
+                               encoder_hidden_states_BxSxE, added_cond_kwargs=None)
+
+The call signature and meanings are diffusers' (`added_cond_kwargs={"text_embeds",
+"time_ids"}` for SDXL), with NHWC tensors in and out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from d2g_jax.models.attention import Transformer2DModel
+from d2g_jax.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D,
+                                   activation, conv, group_norm, timestep_embedding)
+from d2g_jax.models.unet_config import UNetConfig
+
+Dtype = Any
+
+
+class _BlockOptions(nn.Module):
+  """Fields every UNet block shares."""
+  config: UNetConfig
+  block: int  # index among down blocks (up blocks use the mirrored index)
+  attention: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def resnet(self, out_channels: int, name: str, scale: float = 1.0) -> ResnetBlock2D:
+    c = self.config
+    return ResnetBlock2D(out_channels, groups=c.norm_num_groups, eps=c.norm_eps, act_fn=c.act_fn,
+                         output_scale_factor=scale, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=name)
+
+  def transformer(self, channels: int, layers: int, name: str) -> Transformer2DModel:
+    c = self.config
+    heads = c.heads[self.block]
+    return Transformer2DModel(heads, channels // heads, num_layers=layers,
+                              norm_num_groups=c.norm_num_groups,
+                              use_linear_projection=c.use_linear_projection,
+                              upcast_attention=c.upcast_attention, implementation=self.attention,
+                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+
+class DownBlock(_BlockOptions):
+  """CrossAttnDownBlock2D or DownBlock2D: resnets (+ transformers), then a strided conv."""
+
+  @nn.compact
+  def __call__(self, h, temb, ctx):
+    c, i = self.config, self.block
+    channels = c.block_out_channels[i]
+    has_attn = c.down_block_types[i] == "CrossAttnDownBlock2D"
+    skips = []
+    for j in range(c.layers[i]):
+      h = self.resnet(channels, f"resnets_{j}")(h, temb)
+      if has_attn:
+        h = self.transformer(channels, c.down_transformer_layers[i], f"attentions_{j}")(h, ctx)
+      skips.append(h)
+    if i < c.num_blocks - 1:
+      h = Downsample2D(channels, padding=c.downsample_padding, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="downsamplers_0")(h)
+      skips.append(h)
+    return h, tuple(skips)
+
+
+class MidBlock(_BlockOptions):
+  """UNetMidBlock2DCrossAttn: resnet, then (transformer, resnet) pairs."""
+
+  @nn.compact
+  def __call__(self, h, temb, ctx):
+    c = self.config
+    channels = c.block_out_channels[-1]
+    scale = c.mid_block_scale_factor
+    h = self.resnet(channels, "resnets_0", scale)(h, temb)
+    h = self.transformer(channels, c.down_transformer_layers[-1], "attentions_0")(h, ctx)
+    return self.resnet(channels, "resnets_1", scale)(h, temb)
+
+
+class UpBlock(_BlockOptions):
+  """CrossAttnUpBlock2D or UpBlock2D: each resnet eats one skip; then nearest-2x + conv."""
+  up_index: int = 0
+
+  @nn.compact
+  def __call__(self, h, skips, temb, ctx, upsample_size):
+    c, k = self.config, self.up_index
+    channels = tuple(reversed(c.block_out_channels))[k]
+    has_attn = c.up_block_types[k] == "CrossAttnUpBlock2D"
+    for j, skip in enumerate(skips):
+      h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+      h = self.resnet(channels, f"resnets_{j}")(h, temb)
+      if has_attn:
+        h = self.transformer(channels, c.up_transformer_layers[k][j], f"attentions_{j}")(h, ctx)
+    if upsample_size is not None:
+      h = Upsample2D(channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="upsamplers_0")(h, upsample_size)
+    return h
+
+
+class UNet(nn.Module):
+  """UNet2DConditionModel. `attention`: "xla" | "cudnn" | "chunked" (see models/attention.py).
+
+  `remat=True` rematerialises every down/mid/up block in the backward pass, trading
+  compute for activation memory in training.
+  """
+  config: UNetConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention: str = "xla"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+    c = self.config
+    kw = dict(config=c, attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype)
+    wrap = (lambda cls: nn.remat(cls, static_argnums=(5,) if cls is UpBlock else ())) \
+        if self.remat else (lambda cls: cls)
+    b = sample.shape[0]
+    ctx = encoder_hidden_states.astype(self.dtype)
+
+    # 1. time (and SDXL's text/size) embedding
+    t_B = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
+    t_emb = timestep_embedding(t_B, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+    emb = TimestepEmbedding(c.time_embed_dim, c.act_fn, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="time_embedding")(t_emb)
+    if c.addition_embed_type == "text_time":
+      emb = emb + self._text_time_embedding(added_cond_kwargs, b)
+    if c.time_embedding_act_fn is not None:
+      emb = activation(c.time_embedding_act_fn)(emb)
+
+    # 2. down
+    x = sample.astype(self.dtype)
+    if c.center_input_sample:
+      x = 2 * x - 1.0
+    h = conv(c.block_out_channels[0], c.conv_in_kernel, self.dtype, self.param_dtype, "conv_in")(x)
+    skips = [h]
+    for i in range(c.num_blocks):
+      h, block_skips = wrap(DownBlock)(block=i, name=f"down_blocks_{i}", **kw)(h, emb, ctx)
+      skips.extend(block_skips)
+
+    # 3. mid
+    h = wrap(MidBlock)(block=c.num_blocks - 1, name="mid_block", **kw)(h, emb, ctx)
+
+    # 4. up: block k mirrors down block n-1-k and consumes layers+1 skips
+    for k in range(c.num_blocks):
+      n_skips = c.layers[c.num_blocks - 1 - k] + 1
+      block_skips, skips = tuple(reversed(skips[-n_skips:])), skips[:-n_skips]
+      upsample_size = tuple(skips[-1].shape[1:3]) if k < c.num_blocks - 1 else None
+      h = wrap(UpBlock)(block=c.num_blocks - 1 - k, up_index=k, name=f"up_blocks_{k}", **kw)(
+          h, block_skips, emb, ctx, upsample_size)
+
+    # 5. out
+    h = group_norm(c.norm_num_groups, c.norm_eps, self.param_dtype, "conv_norm_out")(h)
+    h = activation(c.act_fn)(h).astype(self.dtype)
+    return conv(c.out_channels, c.conv_out_kernel, self.dtype, self.param_dtype, "conv_out")(h)
+
+  def _text_time_embedding(self, added_cond_kwargs, b: int):
+    c = self.config
+    if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs \
+        or "time_ids" not in added_cond_kwargs:
+      raise ValueError("this UNet has addition_embed_type='text_time' (SDXL): pass "
+                       "added_cond_kwargs={'text_embeds': (B, D) pooled text embeddings, "
+                       "'time_ids': (B, 6) original size, crop top-left, target size}")
+    text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
+    time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+    time_ids = jnp.broadcast_to(time_ids.reshape(-1, time_ids.shape[-1]), (b, time_ids.shape[-1]))
+    time_emb = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim,
+                                  c.flip_sin_to_cos, c.freq_shift).reshape(b, -1)
+    add = jnp.concatenate([jnp.broadcast_to(text_embeds, (b, text_embeds.shape[-1])).astype(
+        jnp.float32), time_emb], axis=-1)
+    if add.shape[-1] != c.projection_class_embeddings_input_dim:
+      raise ValueError(f"text_embeds ({text_embeds.shape[-1]}) + time_ids embedding "
+                       f"({time_emb.shape[-1]}) = {add.shape[-1]} features, but this UNet's "
+                       f"projection_class_embeddings_input_dim is "
+                       f"{c.projection_class_embeddings_input_dim}")
+    return TimestepEmbedding(c.time_embed_dim, c.act_fn, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="add_embedding")(add)
+
+
+def init_shapes(config: UNetConfig, param_dtype=jnp.float32, batch: int = 1, size: int = 8):
+  """The param tree of `config` as ShapeDtypeStructs (no memory allocated)."""
+  module = UNet(config, param_dtype=param_dtype)
+  n_down = 2 ** (config.num_blocks - 1)
+  size = max(size, n_down)
+  sample = jax.ShapeDtypeStruct((batch, size, size, config.in_channels), jnp.float32)
+  ctx = jax.ShapeDtypeStruct((batch, 2, config.cross_dims[0]), jnp.float32)
+  added = None
+  if config.addition_embed_type == "text_time":
+    text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    added = {"text_embeds": jax.ShapeDtypeStruct((batch, text_dim), jnp.float32),
+             "time_ids": jax.ShapeDtypeStruct((batch, 6), jnp.float32)}
+  t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+  shapes = jax.eval_shape(lambda s, tt, cc, a: module.init(jax.random.key(0), s, tt, cc, a),
+                          sample, t, ctx, added)
+  return shapes["params"]
+
+
+def count_params(tree) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

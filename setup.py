@@ -1,0 +1,47 @@
+"""d2g_jax: Diffusion2GAN in JAX/Flax. See README.md."""
+
+from setuptools import find_packages, setup
+
+# Versions pinned to releases that install together on Python 3.11 (CPU wheels);
+# on GPU/TPU install the matching jax[cuda12] / jax[tpu] wheel of the same version.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "safetensors==0.8.0",
+    "transformers==5.23.0",  # tokenizers only: every network here is our own Flax code
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+]
+
+# PyTorch is a reference and conversion tool, never the training runtime.
+TORCH = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "diffusers==0.42.1",
+]
+
+TEST = TORCH + [
+    "pytest==9.2.0",
+    "elatentlpips==0.2",   # official E-LatentLPIPS, a test-only numerical reference
+    "lpips==0.1.4",        # official pixel LPIPS, a test-only numerical reference
+    "setuptools<81",       # elatentlpips imports pkg_resources
+    "matplotlib>=3.8",
+]
+
+setup(
+    name="d2g_jax",
+    version="0.1.0",
+    description="Diffusion2GAN in JAX/Flax: distil Stable Diffusion into a one-step conditional GAN",
+    packages=find_packages(include=["d2g_jax", "d2g_jax.*"]),
+    package_data={"d2g_jax": ["presets/*.json"]},
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"torch": TORCH, "test": TEST},
+)
