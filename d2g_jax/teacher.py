@@ -78,7 +78,7 @@ class Teacher:
                target_size: tuple[int, int] | None = None) -> np.ndarray:
     """SDXL micro-conditioning, Bx6 float32: original size, crop top-left, target size."""
     default = (height or self.default_size[0], width or self.default_size[1])
-    ids = list(original_size or default) + list(crops_coords_top_left) + list(target_size or default)
+    ids = [*(original_size or default), *crops_coords_top_left, *(target_size or default)]
     return np.tile(np.asarray([ids], np.float32), (batch, 1))
 
   def encode_prompt(self, prompts: Sequence[str] | str,
@@ -101,7 +101,8 @@ class Teacher:
     if negative_prompts is None:
       negatives = None
     else:
-      negatives = [negative_prompts] * b if isinstance(negative_prompts, str) else list(negative_prompts)
+      negatives = ([negative_prompts] * b if isinstance(negative_prompts, str)
+                   else list(negative_prompts))
       if len(negatives) != b:
         raise ValueError(f"{len(negatives)} negative prompts for {b} prompts; give one per prompt, "
                          "a single string, or None")

@@ -12,7 +12,8 @@ import transformers
 
 from d2g_jax.convert import clip as clip_convert
 from d2g_jax.convert import core
-from d2g_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, num_params
+from d2g_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from d2g_jax.models.unet import count_params as num_params
 
 
 def _torch_model(cfg: CLIPTextConfig, seed=0):
@@ -189,3 +190,33 @@ def test_config_round_trip():
     assert CLIPTextConfig.from_transformers(cfg.to_transformers()) == cfg
   assert CLIPTextConfig.vit_l14().hidden_act == "quick_gelu"
   assert CLIPTextConfig.openclip_bigg().with_projection
+
+
+def test_export_bfloat16(tmp_path):
+  cfg = CLIPTextConfig.tiny(with_projection=True)
+  tmodel = _torch_model(cfg, seed=5)
+  params = clip_convert.params_from_state_dict(cfg, tmodel.state_dict())
+  clip_convert.save_clip_text(CLIPTextModel(cfg), params, str(tmp_path), dtype=jnp.bfloat16)
+  reloaded, info = transformers.CLIPTextModelWithProjection.from_pretrained(
+      tmp_path, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert reloaded.dtype == torch.bfloat16
+  for k, v in tmodel.state_dict().items():
+    assert torch.equal(reloaded.state_dict()[k], v.to(torch.bfloat16)), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_full_size_parity(name):
+  """Random full-size encoders (bigG: ~6 GB of host memory), 77 tokens."""
+  cfg = getattr(CLIPTextConfig, name)()
+  tmodel = _torch_model(cfg, seed=6)
+  ids = _ids(cfg, B=2, T=77)
+  with torch.no_grad():
+    ref = tmodel(torch.from_numpy(ids), output_hidden_states=True)
+  params = clip_convert.params_from_state_dict(cfg, tmodel.state_dict())
+  out = jax.jit(CLIPTextModel(cfg).apply)({"params": params}, jnp.asarray(ids))
+  for ours, theirs in [(out.last_hidden_state, ref.last_hidden_state),
+                       (out.hidden_states[-2], ref.hidden_states[-2])]:
+    scale = float(theirs.abs().max())
+    assert float(np.abs(np.asarray(ours) - theirs.numpy()).max()) <= 1e-4 * scale

@@ -272,9 +272,11 @@ def make_inputs(batch=2, hw=8, seed=0):
 
 SD_CASES = [  # (scheduler config, guidance, guidance_rescale, steps)
     ({**SD15_JSON}, 7.5, 0.0, 50),
-    ({**SD15_JSON, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 3.0, 0.7, 12),
+    ({**SD15_JSON, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+     3.0, 0.7, 12),
     ({**SD15_JSON, "timestep_spacing": "linspace"}, 1.0, 0.0, 10),
-    ({**LINEAR, "prediction_type": "sample", "steps_offset": 0, "set_alpha_to_one": True}, 8.0, 0.0, 7),
+    ({**LINEAR, "prediction_type": "sample", "steps_offset": 0, "set_alpha_to_one": True},
+     8.0, 0.0, 7),
     ({**SD21_JSON, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 5.0, 0.3, 10),
 ]
 
@@ -444,6 +446,10 @@ def test_make_sampler_traces_model_once_and_keeps_dtype():
   a = run(params, z, {"encoder_hidden_states": text}, {"encoder_hidden_states": neg})
   b = run(params, z + 1, {"encoder_hidden_states": text}, {"encoder_hidden_states": neg})
   assert traces == [((4, 8, 8, C), (4,), jnp.int32)]  # one trace, 2B batch, int timesteps
+  one_neg = run(params, z, {"encoder_hidden_states": text}, {"encoder_hidden_states": neg[:1]})
+  tiled = run(params, z, {"encoder_hidden_states": text},
+              {"encoder_hidden_states": np.repeat(neg[:1], len(z), 0)})
+  np.testing.assert_array_equal(one_neg, tiled)  # a batch-1 uncond is broadcast
   assert a.shape == z.shape and a.dtype == jnp.float32 and not np.allclose(a, b)
   out = jax.jit(lambda z: sampling.sample(jax_model, schedule, z, {"encoder_hidden_states": text},
                                           None, 1.0, 4))(z.astype(jnp.bfloat16))

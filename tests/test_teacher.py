@@ -163,7 +163,8 @@ def test_sdxl_encode_prompt_matches_diffusers(pipes, name):
 def test_load_all_components(pipes):
   folder, pipe = pipes["sd1"]
   teacher = teacher_lib.load_teacher(folder)
-  assert teacher.unet.config == UNetConfig.from_diffusers(dict(pipe.unet.config))
+  unet_config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+  assert teacher.unet.config == UNetConfig.from_diffusers(unet_config)
   assert teacher.vae.config == VAEConfig.tiny()
   assert teacher.schedule.steps_offset == 1 and not teacher.schedule.clip_sample
   assert teacher.default_size == (32, 32)
@@ -193,8 +194,8 @@ def test_export_one_step_pipeline(pipes, tmp_path, name, timestep, prediction_ty
   z = randn(5, 2, 16, 16, 4)
   prompts = PROMPTS[:2]
   with torch.no_grad():
-    ref = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=torch.from_numpy(nchw(z)),
-               height=32, width=32, output_type="latent").images
+    ref = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, height=32, width=32,
+               latents=torch.from_numpy(nchw(z)), output_type="latent").images
 
   cond, _ = teacher.encode_prompt(prompts)
   pred = unet.apply({"params": params}, jnp.asarray(z), jnp.full((2,), timestep), **cond)
@@ -245,9 +246,14 @@ def test_errors(pipes, tmp_path):
   sd = _copy(pipes, "sd2", tmp_path)
   shutil.rmtree(os.path.join(sd, "text_encoder"))
   shutil.copytree(os.path.join(pipes["sdxl"][0], "text_encoder"), os.path.join(sd, "text_encoder"))
-  with pytest.raises(pipeline_lib.PipelineError, match="cross_attention_dim 24.*hidden_size \\[16\\]"):
+  with pytest.raises(pipeline_lib.PipelineError,
+                     match="cross_attention_dim 24.*hidden_size \\[16\\]"):
     teacher_lib.load_teacher(sd)
   xl = _copy(pipes, "sdxl", tmp_path)
+  _edit(os.path.join(xl, "text_encoder_2", "config.json"), projection_dim=40)
+  with pytest.raises(pipeline_lib.PipelineError, match="projection_dim 40"):
+    teacher_lib.load_teacher(xl)
+  _edit(os.path.join(xl, "text_encoder_2", "config.json"), projection_dim=32)
   _edit(os.path.join(xl, "model_index.json"), text_encoder_2=[None, None])
   with pytest.raises(pipeline_lib.PipelineError, match="text_encoder_2"):
     teacher_lib.load_teacher(xl)

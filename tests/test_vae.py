@@ -12,7 +12,7 @@ import torch
 
 from d2g_jax.convert import core
 from d2g_jax.convert import vae as vae_convert
-from d2g_jax.models.clip_text import num_params
+from d2g_jax.models.unet import count_params as num_params
 from d2g_jax.models.vae import AutoencoderKL, VAEConfig
 
 
@@ -94,7 +94,8 @@ def test_folder_round_trip(tmp_path):
   module, params = vae_convert.load_vae(str(tmp_path / "src"))
   assert module.config == cfg
   vae_convert.save_vae(module, params, str(tmp_path / "out"))
-  reloaded, info = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out", output_loading_info=True)
+  reloaded, info = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out",
+                                                           output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   assert reloaded.config.shift_factor == 0.1 and reloaded.config.scaling_factor == 0.3
   for k, v in tvae.state_dict().items():
@@ -175,3 +176,23 @@ def test_errors(tmp_path):
     VAEConfig.from_diffusers({**cfg.to_diffusers(), "down_block_types": ["DownBlock2D"] * 2})
   with pytest.raises(ValueError, match="AutoencoderKL"):
     VAEConfig.from_diffusers({"_class_name": "AutoencoderTiny"})
+
+
+@pytest.mark.slow
+def test_sd_vae_full_size_parity():
+  """The real SD VAE architecture with random weights: encode 128 px, decode 32x32 latents."""
+  cfg = VAEConfig.sd()
+  tvae = _torch_vae(cfg, seed=5)
+  rng = np.random.default_rng(5)
+  x = rng.uniform(-1, 1, size=(1, 128, 128, 3)).astype(np.float32)
+  z = rng.normal(size=(1, 32, 32, 4)).astype(np.float32)
+  with torch.no_grad():
+    dist = tvae.encode(_nchw(x)).latent_dist
+    ref_x = tvae.decode(_nchw(z)).sample
+  params = vae_convert.params_from_state_dict(cfg, tvae.state_dict())
+  model = AutoencoderKL(cfg)
+  mean, _ = model.apply({"params": params}, jnp.asarray(x), method=AutoencoderKL.encode)
+  dec = model.apply({"params": params}, jnp.asarray(z), method=AutoencoderKL.decode)
+  for ours, theirs in [(mean, _nhwc(dist.mean)), (dec, _nhwc(ref_x))]:
+    scale = np.abs(theirs).max()
+    assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * scale

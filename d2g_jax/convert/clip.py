@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,7 +67,7 @@ def load_clip_text(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
   config = CLIPTextConfig.from_transformers(core.load_json(config_path, "CLIP text encoder config"))
   source = core.open_weights(path, "model", variant)
   try:
-    params = params_from_source(config, source, dtype=np.dtype(param_dtype))
+    params = params_from_source(config, source, dtype=jnp.dtype(param_dtype))
   except core.ConversionError as e:
     hint = ""
     if config.with_projection != ("text_projection.weight" in source.keys()):
@@ -88,12 +89,13 @@ def save_clip_text(module: CLIPTextModel, params, path: str, dtype=None):
   Weights first and config.json last, each atomically, so a folder with a config.json
   always has whole weights beside it. `dtype` (e.g. np.float16) casts the weights.
   """
-  state = state_dict(module.config, params, dtype=dtype)
   os.makedirs(path, exist_ok=True)
   config_path = os.path.join(path, "config.json")
   if os.path.exists(config_path):  # an interrupted overwrite must not look whole
     os.remove(config_path)
-  core.save_safetensors(state, os.path.join(path, "model.safetensors"))
+  core.save_params_safetensors(clip_table(module.config), params,
+                               os.path.join(path, "model.safetensors"), dtype=dtype)
   cfg = module.config.to_transformers()
-  cfg["dtype"] = str(next(iter(state.values())).dtype)
+  leaf = jax.tree_util.tree_leaves(params)[0]
+  cfg["dtype"] = jnp.dtype(dtype if dtype is not None else leaf.dtype).name
   core.save_json(cfg, config_path)

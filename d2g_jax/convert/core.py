@@ -145,19 +145,48 @@ def _to_numpy(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def _read_safetensors_header(path: str) -> dict:
+  with open(path, "rb") as fh:
+    raw = fh.read(8)
+    if len(raw) < 8:
+      raise ConversionError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+    n = int.from_bytes(raw, "little")
+    if n > os.path.getsize(path) - 8:
+      raise ConversionError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
+    try:
+      header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConversionError(f"{path} has a corrupt safetensors header: {e}") from e
+  header.pop("__metadata__", None)
+  data_start, size = 8 + n, os.path.getsize(path)
+  for key, info in header.items():
+    if data_start + info["data_offsets"][1] > size:
+      raise ConversionError(f"{path} is truncated: tensor {key!r} ends past the end of the file")
+  return {k: (v, data_start) for k, v in header.items()}
+
+
 def _safetensors_source(files: Sequence[str], description: str) -> TensorSource:
-  from safetensors import safe_open
-  handles, shapes, owner = [], {}, {}
+  """Reads tensors with plain file reads rather than mmap, so pages of tensors already
+  converted do not stay resident: peak host memory is the params, not params + file."""
+  import ml_dtypes
+  dtypes = {v: np.dtype(ml_dtypes.bfloat16 if k == "bfloat16" else k) for k, v in _ST_DTYPES.items()}
+  entries, owner = {}, {}
   for f in files:
-    h = safe_open(f, framework="numpy")
-    handles.append(h)
-    for k in h.keys():
+    for k, info in _read_safetensors_header(f).items():
       if k in owner:
         raise ConversionError(f"{description}: tensor {k!r} appears in both {owner[k]} and {f}")
-      owner[k] = f
-      shapes[k] = tuple(h.get_slice(k).get_shape())
-  by_file = dict(zip(files, handles))
-  return TensorSource(description, shapes, lambda k: by_file[owner[k]].get_tensor(k))
+      owner[k], entries[k] = f, info
+
+  def read(key):
+    (info, start), f = entries[key], owner[key]
+    dtype = dtypes[info["dtype"]]
+    begin, end = info["data_offsets"]
+    with open(f, "rb") as fh:
+      fh.seek(start + begin)
+      arr = np.fromfile(fh, dtype=dtype, count=(end - begin) // dtype.itemsize)
+    return arr.reshape(info["shape"])
+
+  return TensorSource(description, {k: tuple(v[0]["shape"]) for k, v in entries.items()}, read)
 
 
 def _torch_bin_source(files: Sequence[str], description: str) -> TensorSource:
@@ -320,3 +349,50 @@ def load_json(path: str, what: str = "config") -> dict:
       return json.load(fh)
   except json.JSONDecodeError as e:
     raise ValueError(f"{what} file {path!r} is not valid JSON: {e}") from e
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+              "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+              "bool": "BOOL"}
+
+
+def save_params_safetensors(table: Table, params: Any, path: str, *, dtype=None,
+                            metadata: Mapping[str, str] | None = None,
+                            progress: Callable[[Iterator], Iterator] | None = None):
+  """Streams `params` to a PyTorch-layout safetensors file, one tensor at a time.
+
+  Unlike building the whole state dict first, host memory stays at the params plus
+  one converted tensor. Written atomically (temp file + rename).
+  """
+  import json as _json
+  flat = traverse_util.flatten_dict(_unfreeze(params))
+  if set(flat) != set(table):
+    extra, lost = set(flat) - set(table), set(table) - set(flat)
+    raise ConversionError(f"params do not match the conversion table: extra {sorted(extra)[:10]}, "
+                          f"missing {sorted(lost)[:10]}")
+  header, offset, order = {}, 0, []
+  for path_, entry in table.items():
+    x = flat[path_]
+    dt = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
+    shape = entry.hook.to_torch(np.empty(x.shape, np.int8)).shape
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if dt.name not in _ST_DTYPES:
+      raise ConversionError(f"cannot write dtype {dt.name} of {entry.torch_key} to safetensors")
+    header[entry.torch_key] = {"dtype": _ST_DTYPES[dt.name], "shape": list(shape),
+                               "data_offsets": [offset, offset + nbytes]}
+    order.append((path_, entry, dt))
+    offset += nbytes
+  header["__metadata__"] = dict(metadata or {"format": "pt"})
+  blob = _json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+
+  def write(tmp):
+    with open(tmp, "wb") as fh:
+      fh.write(len(blob).to_bytes(8, "little"))
+      fh.write(blob)
+      for path_, entry, dt in (progress(iter(order)) if progress else order):
+        arr = entry.hook.to_torch(np.asarray(flat[path_]).astype(dt, copy=False))
+        fh.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+      fh.flush()
+      os.fsync(fh.fileno())
+  atomic_write(path, write)

@@ -34,8 +34,8 @@ import numpy as np
 from d2g_jax.convert.core import (CONV, IDENTITY, ConversionError, Entry, Table, TensorSource,
                                   from_state_dict, open_weights, save_safetensors, to_flax,
                                   to_torch)
-from d2g_jax.models.latent_vgg import ENCODERS, LPIPS, WIDTHS, LPIPSConfig, VGGConfig, conv_layers
-from d2g_jax.models.latent_vgg import init_params as _init_params
+from d2g_jax.models.latent_vgg import (ENCODERS, LPIPS, WIDTHS, LPIPSConfig, VGGConfig, conv_layers,
+                                       init_params, param_shapes)
 
 ELATENTLPIPS_URL = "https://huggingface.co/Mingguksky/elatentlpips/tree/main/elatentlpips_ckpt"
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -162,15 +162,10 @@ def _is_extra(key: str) -> bool:
           or key.startswith("scaling_layer.") or "classifier." in key)
 
 
-def _shapes(module: LPIPS):
-  x = jnp.zeros((1, 32, 32, module.config.vgg.in_channels), jnp.float32)
-  return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, x))["params"]
-
-
 def _random(module: LPIPS, trunk: bool = True) -> dict[str, Any]:
   """Initial params as numpy; without `trunk`, only the heads (all ones, no init pass needed)."""
   if trunk:
-    return jax.tree.map(np.asarray, _init_params(module))
+    return init_params(module)
   return {f"lin{k}": {"model_1": {"kernel": np.ones((1, 1, w, 1), np.float32)}}
           for k, w in enumerate(WIDTHS)}
 
@@ -196,7 +191,7 @@ def load_latent_lpips(path: str | None, encoder: str = "sd15", *, augment: str |
   """
   cfg = LPIPSConfig.latent(encoder, augment=augment, l1=l1, augment_p=augment_p)
   module = LPIPS(cfg, dtype=dtype, param_dtype=param_dtype)
-  shapes = _shapes(module)
+  shapes = param_shapes(module)
   if path is None:
     _warn(f"E-LatentLPIPS ({encoder}): no weights given, so the VGG trunk is RANDOMLY initialised "
           f"and the heads are uncalibrated (all ones): the loss runs, but it is not the paper's "
@@ -249,7 +244,7 @@ def load_pixel_lpips(vgg_path: str | None = None, lin_path: str | None = "defaul
   """
   cfg = LPIPSConfig.pixel()
   module = LPIPS(cfg, dtype=dtype, param_dtype=param_dtype)
-  shapes = _shapes(module)
+  shapes = param_shapes(module)
   params = _random(module, trunk=vgg_path is None)
   heads_done = False
   if vgg_path is None:

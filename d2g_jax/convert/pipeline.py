@@ -86,7 +86,8 @@ def inspect_pipeline(path: str) -> PipelineInfo:
   comps = _components(model_index)
   missing = [c for c in PIPELINES[name] if c not in comps]
   if missing:
-    raise PipelineError(f"{index_path}: {name} needs components {missing}, which are absent or null")
+    raise PipelineError(f"{index_path}: {name} needs components {missing}, which are absent "
+                        "or null")
   for c in comps:
     if c in ("safety_checker", "feature_extractor", "image_encoder"):
       continue  # never loaded here; export copies them if present
@@ -108,11 +109,10 @@ def inspect_pipeline(path: str) -> PipelineInfo:
       tokenizers.append(tok)
 
   family = _family(name, encoders)
+  zeros = family == "sdxl" and bool(model_index.get("force_zeros_for_empty_prompt", True))
   info = PipelineInfo(path=path, class_name=name, family=family, model_index=model_index,
                       unet=unet, vae=vae, text_encoders=tuple(encoders),
-                      tokenizers=tuple(tokenizers),
-                      force_zeros_for_empty_prompt=bool(
-                          family == "sdxl" and model_index.get("force_zeros_for_empty_prompt", True)))
+                      tokenizers=tuple(tokenizers), force_zeros_for_empty_prompt=zeros)
   _check_consistent(info)
   return info
 
@@ -149,9 +149,10 @@ def _check_consistent(info: PipelineInfo):
     want = te2.projection_dim + 6 * u.addition_time_embed_dim
     if u.projection_class_embeddings_input_dim != want:
       raise PipelineError(
-          f"{where}: projection_class_embeddings_input_dim {u.projection_class_embeddings_input_dim} "
-          f"!= text_encoder_2 projection_dim {te2.projection_dim} + 6 x addition_time_embed_dim "
-          f"{u.addition_time_embed_dim} = {want}: mismatched components")
+          f"{where}: projection_class_embeddings_input_dim "
+          f"{u.projection_class_embeddings_input_dim} != text_encoder_2 projection_dim "
+          f"{te2.projection_dim} + 6 x addition_time_embed_dim {u.addition_time_embed_dim} = "
+          f"{want}: mismatched components")
   elif u.addition_embed_type is not None:
     raise PipelineError(f"{where}: addition_embed_type {u.addition_embed_type!r} in a "
                         f"{info.class_name}; expected none")

@@ -46,7 +46,7 @@ def load_unet(path: str, dtype=jnp.float32, param_dtype=jnp.float32, variant: st
   config = UNetConfig.from_json(os.path.join(path, "config.json"))
   source = core.open_weights(path, WEIGHTS_STEM, variant)
   table, shapes = unet_table(config)
-  params = core.to_flax(table, shapes, source, dtype=np.dtype(param_dtype), progress=progress)
+  params = core.to_flax(table, shapes, source, dtype=jnp.dtype(param_dtype), progress=progress)
   module = UNet(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
   return module, params
 
@@ -59,10 +59,10 @@ def save_unet(module: UNet, params: Any, path: str, dtype=None,
   with a config.json always has whole weights beside it.
   """
   table, _ = unet_table(module.config)
-  state = core.to_torch(table, params, dtype=dtype, progress=progress)
   os.makedirs(path, exist_ok=True)
   config_path = os.path.join(path, "config.json")
   if os.path.exists(config_path):  # an interrupted overwrite must not look whole
     os.remove(config_path)
-  core.save_safetensors(state, os.path.join(path, WEIGHTS_STEM + ".safetensors"))
+  core.save_params_safetensors(table, params, os.path.join(path, WEIGHTS_STEM + ".safetensors"),
+                               dtype=dtype, progress=progress)
   core.save_json(module.config.to_diffusers(), config_path)

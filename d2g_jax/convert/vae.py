@@ -73,7 +73,7 @@ def load_vae(path: str, dtype=jnp.float32, param_dtype=jnp.float32, variant: str
                             "safetensors), e.g. <pipeline>/vae")
   config = VAEConfig.from_diffusers(core.load_json(os.path.join(path, "config.json"), "VAE config"))
   source = core.open_weights(path, WEIGHTS_STEM, variant)
-  params = params_from_source(config, source, dtype=np.dtype(param_dtype), progress=progress)
+  params = params_from_source(config, source, dtype=jnp.dtype(param_dtype), progress=progress)
   return AutoencoderKL(config, implementation, dtype=dtype, param_dtype=param_dtype), params
 
 
@@ -89,10 +89,11 @@ def save_vae(module: AutoencoderKL, params: Any, path: str, dtype=None):
   Weights first and config.json last, each atomically, so a folder with a config.json
   always has whole weights beside it.
   """
-  state = state_dict(module.config, params, dtype=dtype)
+  table, _ = vae_table(module.config)
   os.makedirs(path, exist_ok=True)
   config_path = os.path.join(path, "config.json")
   if os.path.exists(config_path):  # an interrupted overwrite must not look whole
     os.remove(config_path)
-  core.save_safetensors(state, os.path.join(path, WEIGHTS_STEM + ".safetensors"))
+  core.save_params_safetensors(table, params, os.path.join(path, WEIGHTS_STEM + ".safetensors"),
+                               dtype=dtype)
   core.save_json(module.config.to_diffusers(), config_path)

@@ -189,11 +189,9 @@ def affine_resample(x_BxHxWxC: jax.Array, inv_Bx2x3: jax.Array) -> jax.Array:
   B, H, W, C = x_BxHxWxC.shape
   rows, cols = jnp.meshgrid(jnp.arange(H, dtype=jnp.float32),
                             jnp.arange(W, dtype=jnp.float32), indexing="ij")
-  cols, rows = cols.reshape(1, -1), rows.reshape(1, -1)
-  a = inv_Bx2x3.astype(jnp.float32)[:, :, :, None]
-  # Elementwise, never a matmul: accelerators may run fp32 matmuls at reduced precision.
-  xs_BxN = a[:, 0, 0] * cols + a[:, 0, 1] * rows + a[:, 0, 2]
-  ys_BxN = a[:, 1, 0] * cols + a[:, 1, 1] * rows + a[:, 1, 2]
+  grid_3xN = jnp.stack([cols.ravel(), rows.ravel(), jnp.ones(H * W, jnp.float32)])
+  xy_Bx2xN = jnp.einsum("bij,jn->bin", inv_Bx2x3.astype(jnp.float32), grid_3xN, precision=_HI)
+  xs_BxN, ys_BxN = xy_Bx2xN[:, 0], xy_Bx2xN[:, 1]
   x0, y0 = jnp.floor(xs_BxN), jnp.floor(ys_BxN)
   fx, fy = (xs_BxN - x0)[..., None], (ys_BxN - y0)[..., None]
   x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
@@ -294,8 +292,7 @@ def augment(key: jax.Array, x_BxHxWxC: jax.Array, policy: str = "bgco",
   if not policy:
     return x_BxHxWxC
   B, H, W, _ = x_BxHxWxC.shape
-  params = jax.lax.optimization_barrier(sample_params(key, B, H, W, policy, p))
-  return apply_params(params, x_BxHxWxC)
+  return apply_params(sample_params(key, B, H, W, policy, p), x_BxHxWxC)
 
 
 def augment_pair(key: jax.Array, x_BxHxWxC: jax.Array, y_BxHxWxC: jax.Array,
@@ -310,9 +307,7 @@ def augment_pair(key: jax.Array, x_BxHxWxC: jax.Array, y_BxHxWxC: jax.Array,
   if not policy:
     return x_BxHxWxC, y_BxHxWxC
   B, H, W, _ = x_BxHxWxC.shape
-  # The barrier stops XLA fusing the random draws into every pixel's index computation
-  # (it would recompute the RNG per pixel: ~10x slower on CPU).
-  params = jax.lax.optimization_barrier(sample_params(key, B, H, W, policy, p))
+  params = sample_params(key, B, H, W, policy, p)
   both = jnp.stack([x_BxHxWxC.astype(jnp.float32), y_BxHxWxC.astype(jnp.float32)])
   out = jax.vmap(apply_params, in_axes=(None, 0))(params, both)
   return out[0].astype(x_BxHxWxC.dtype), out[1].astype(y_BxHxWxC.dtype)

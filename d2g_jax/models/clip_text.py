@@ -254,7 +254,3 @@ class CLIPTextModel(nn.Module):
     T = seq_len or self.config.max_position_embeddings
     ids = jax.ShapeDtypeStruct((1, T), jnp.int32)
     return jax.eval_shape(lambda i: self.init(jax.random.PRNGKey(0), i), ids)["params"]
-
-
-def num_params(tree) -> int:
-  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

@@ -23,6 +23,7 @@ from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = Any
@@ -242,8 +243,27 @@ class LPIPS(nn.Module):
     return dist_B
 
 
-def init_params(module: LPIPS, key: jax.Array | None = None) -> Any:
-  """Randomly initialised params of `module` (weights do not depend on the spatial size)."""
-  key = jax.random.PRNGKey(0) if key is None else key
-  x = jnp.zeros((1, 32, 32, module.config.vgg.in_channels), jnp.float32)
-  return jax.jit(lambda k: module.init(k, x, x)["params"])(key)
+def param_shapes(module: LPIPS) -> Any:
+  """The param tree of `module` as `jax.ShapeDtypeStruct`s (no compute)."""
+  x = jax.ShapeDtypeStruct((1, 32, 32, module.config.vgg.in_channels), jnp.float32)
+  return jax.eval_shape(lambda a, b: module.init(jax.random.PRNGKey(0), a, b), x, x)["params"]
+
+
+def init_params(module: LPIPS, seed: int = 0) -> Any:
+  """Random params (numpy) drawn from the module's own initial distributions.
+
+  Drawn with numpy instead of `module.init`, which would compile a whole forward pass for
+  ~15M random numbers: trunk kernels He-normal (fan_out, as torchvision), biases 0, batch norm
+  the identity (scale 1, bias 0, mean 0, var 1), heads 1.
+  """
+  rng = np.random.default_rng(seed)
+  constants = {"bias": 0.0, "scale": 1.0, "mean": 0.0, "var": 1.0}
+
+  def draw(path, s):
+    names = [p.key for p in path]
+    if names[-1] == "kernel" and names[0] == "net":
+      kh, kw, _, out = s.shape
+      return (rng.standard_normal(s.shape) * np.sqrt(2.0 / (kh * kw * out))).astype(s.dtype)
+    value = 1.0 if names[-1] == "kernel" else constants[names[-1]]  # heads: 1
+    return np.full(s.shape, value, s.dtype)
+  return jax.tree_util.tree_map_with_path(draw, param_shapes(module))

@@ -107,7 +107,8 @@ class VAEConfig:
   @classmethod
   def tiny(cls, **overrides) -> "VAEConfig":
     """A small two-level VAE for tests."""
-    kw = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    kw = dict(down_block_types=("DownEncoderBlock2D",) * 2,
+              up_block_types=("UpDecoderBlock2D",) * 2,
               block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16)
     return cls(**{**kw, **overrides})
 

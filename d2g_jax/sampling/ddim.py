@@ -96,16 +96,20 @@ class StepCoefficients(NamedTuple):
   std: np.ndarray             # eta * sigma_t, weight of the fresh noise
 
 
-def step_coefficients(schedule: ScheduleConfig, num_steps: int,
-                      eta: float = 0.0) -> StepCoefficients:
-  """DDIM constants for every step of `schedule.timesteps(num_steps)`, computed in fp64."""
-  a = schedule.alphas_cumprod[schedule.timesteps(num_steps)].astype(np.float64)
-  a_prev = schedule.alpha_bar_prev(num_steps).astype(np.float64)
-  variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+def _coefficients(a, a_prev, eta: float) -> StepCoefficients:
+  a, a_prev = np.asarray(a, np.float64), np.asarray(a_prev, np.float64)
+  variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)  # sigma_t^2 of DDIM eq. 16
   std = eta * np.sqrt(np.maximum(variance, 0.0))
   direction = np.sqrt(np.maximum(1 - a_prev - std**2, 0.0))
   f32 = lambda x: np.asarray(x, np.float32)
   return StepCoefficients(f32(a), f32(a_prev), f32(direction), f32(std))
+
+
+def step_coefficients(schedule: ScheduleConfig, num_steps: int,
+                      eta: float = 0.0) -> StepCoefficients:
+  """DDIM constants for every step of `schedule.timesteps(num_steps)`, computed in fp64."""
+  return _coefficients(schedule.alphas_cumprod[schedule.timesteps(num_steps)],
+                       schedule.alpha_bar_prev(num_steps), eta)
 
 
 def ddim_update(x_t, pred, alpha_bar, alpha_bar_prev, direction, std,
@@ -137,17 +141,13 @@ def step(schedule: ScheduleConfig, model_output, t: int, x_t, num_steps: int,
 
   `t` is a static Python int (any training timestep, as in diffusers).
   """
-  t = int(t)
-  prev = t - schedule.num_train_timesteps // num_steps
-  ac = schedule.alphas_cumprod.astype(np.float64)
-  a = ac[t]
-  a_prev = ac[prev] if prev >= 0 else schedule.final_alpha_cumprod
-  variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-  std = eta * np.sqrt(max(variance, 0.0))
-  direction = np.sqrt(max(1 - a_prev - std**2, 0.0))
   if eta > 0 and noise is None:
     raise ValueError("eta > 0 needs `noise` (e.g. variance_noise(key, i, x_t.shape))")
+  t = int(t)
+  prev = t - schedule.num_train_timesteps // num_steps
+  ac = schedule.alphas_cumprod
+  a_prev = ac[prev] if prev >= 0 else schedule.final_alpha_cumprod
+  coef = _coefficients(ac[t], a_prev, eta)
   clip = schedule.clip_sample_range if schedule.clip_sample else None
-  return ddim_update(x_t, model_output, np.float32(a), np.float32(a_prev), np.float32(direction),
-                     np.float32(std), schedule.prediction_type, clip,
+  return ddim_update(x_t, model_output, *coef, schedule.prediction_type, clip,
                      noise if eta > 0 else None)

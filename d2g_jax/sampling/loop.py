@@ -66,7 +66,8 @@ def guided_prediction(model_fn: ModelFn, x_BxHxWxC: jax.Array, t, cond_in: Any,
 
 def cfg_condition(cond: Any, uncond: Any, guidance_scale: float) -> Any:
   """The condition the model sees: uncond and cond interleaved along axis 0 with
-  guidance (`interleave`), else cond."""
+  guidance (`interleave`), else cond. `uncond` leaves of batch 1 (one empty-prompt
+  embedding for all) are broadcast to cond's batch."""
   if not guidance_scale > 1:
     return cond
   if uncond is None:
@@ -75,7 +76,8 @@ def cfg_condition(cond: Any, uncond: Any, guidance_scale: float) -> Any:
   s_cond, s_uncond = jax.tree.structure(cond), jax.tree.structure(uncond)
   if s_cond != s_uncond:
     raise ValueError(f"cond and uncond must have the same structure; got {s_cond} and {s_uncond}")
-  return jax.tree.map(interleave, uncond, cond)
+  return jax.tree.map(lambda u, c: interleave(jnp.broadcast_to(u, jnp.shape(c)), c),
+                      uncond, cond)
 
 
 def sample(model_fn: ModelFn, schedule: ScheduleConfig, z_BxHxWxC: jax.Array, cond: Any,

@@ -1,0 +1,41 @@
+"""Flax params + their model config in one Orbax checkpoint folder.
+
+Layout (an Orbax composite checkpoint, written atomically by Orbax):
+    <dir>/params   the Flax param tree (StandardCheckpointHandler)
+    <dir>/config   {"component": "unet", "config": <diffusers config.json dict>}
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+def save(path: str, params: Any, component: str, config: dict, overwrite: bool = False):
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    if not overwrite:
+      raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  ckptr.save(path, ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      config=ocp.args.JsonSave({"component": component, "config": config})), force=overwrite)
+
+
+def load(path: str, abstract_params: Any | None = None) -> tuple[Any, str, dict]:
+  """(params, component, config). `abstract_params` (ShapeDtypeStructs, maybe sharded)
+  restores straight onto devices; without it the params come back as numpy arrays."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(os.path.join(path, "params")) or not os.path.isdir(
+      os.path.join(path, "config")):
+    raise FileNotFoundError(
+        f"{path} is not a d2g_jax Orbax checkpoint (expected sub-folders 'params' and 'config', "
+        "as written by `python -m d2g_jax.convert to-orbax`)")
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  restore = (ocp.args.StandardRestore(abstract_params) if abstract_params is not None
+             else ocp.args.StandardRestore())
+  out = ckptr.restore(path, ocp.args.Composite(params=restore, config=ocp.args.JsonRestore()))
+  meta = out["config"]
+  return out["params"], meta["component"], meta["config"]
