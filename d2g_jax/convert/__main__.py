@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
@@ -26,7 +27,8 @@ def _bar(desc: str):
 def to_orbax(args):
   t0 = time.time()
   module, params = load_unet(args.diffusers, param_dtype=jnp.dtype(args.param_dtype),
-                             variant=args.variant, progress=_bar("reading " + args.diffusers))
+                             variant=args.variant, progress=_bar("reading " + args.diffusers),
+                             place=jax.device_put)
   print(f"saving Orbax checkpoint to {args.orbax} ...", file=sys.stderr)
   orbax_io.save(args.orbax, params, "unet", module.config.to_diffusers(), args.overwrite)
   print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)

@@ -283,14 +283,19 @@ def check_table(table: Table, shapes: Any, source: TensorSource, ignore: Iterabl
 
 def to_flax(table: Table, shapes: Any, source: TensorSource, *, dtype=np.float32,
             ignore: Iterable[str] = (), progress: Callable[[Iterator], Iterator] | None = None,
-            hint: str | None = None):
-  """Builds Flax params (numpy, `dtype`) from `source`, strictly, one tensor at a time."""
+            hint: str | None = None, place: Callable[[np.ndarray], Any] | None = None):
+  """Builds Flax params (numpy, `dtype`) from `source`, strictly, one tensor at a time.
+
+  `place` (e.g. `jax.device_put`, or a sharded put) is applied to each tensor as soon as
+  it is read, so the host never holds a numpy copy of the whole tree.
+  """
   check_table(table, shapes, source, ignore, hint)
   items = list(table.items())
   it = progress(iter(items)) if progress else items
   flat = {}
   for path, entry in it:
-    flat[path] = np.asarray(entry.hook.to_flax(source.get(entry.torch_key)), dtype=dtype)
+    x = np.asarray(entry.hook.to_flax(source.get(entry.torch_key)), dtype=dtype)
+    flat[path] = place(x) if place else x
   return traverse_util.unflatten_dict(flat)
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+
+def _handler():
+  return ocp.CompositeCheckpointHandler(
+      params=ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1),
+      config=ocp.JsonCheckpointHandler())
 
 
 def save(path: str, params: Any, component: str, config: dict, overwrite: bool = False):
@@ -18,9 +25,11 @@ def save(path: str, params: Any, component: str, config: dict, overwrite: bool =
   if os.path.exists(path):
     if not overwrite:
       raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  # Bound the bytes in flight so saving does not hold a second copy of the weights
+  # (pass jax arrays: numpy leaves are copied whole before writing).
+  ckptr = ocp.Checkpointer(_handler())
   ckptr.save(path, ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
+      params=ocp.args.PyTreeSave(params),
       config=ocp.args.JsonSave({"component": component, "config": config})), force=overwrite)
 
 
@@ -33,9 +42,11 @@ def load(path: str, abstract_params: Any | None = None) -> tuple[Any, str, dict]
     raise FileNotFoundError(
         f"{path} is not a d2g_jax Orbax checkpoint (expected sub-folders 'params' and 'config', "
         "as written by `python -m d2g_jax.convert to-orbax`)")
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  restore = (ocp.args.StandardRestore(abstract_params) if abstract_params is not None
-             else ocp.args.StandardRestore())
+  ckptr = ocp.Checkpointer(_handler())
+  restore = ocp.args.PyTreeRestore(
+      item=abstract_params,
+      restore_args=None if abstract_params is None else
+      ocp.checkpoint_utils.construct_restore_args(abstract_params))
   out = ckptr.restore(path, ocp.args.Composite(params=restore, config=ocp.args.JsonRestore()))
   meta = out["config"]
   return out["params"], meta["component"], meta["config"]

@@ -33,11 +33,13 @@ def unet_table(config: UNetConfig) -> tuple[core.Table, Any]:
 
 def load_unet(path: str, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
               attention: str = "xla", remat: bool = False,
-              progress: Callable[[Iterator], Iterator] | None = None):
+              progress: Callable[[Iterator], Iterator] | None = None,
+              place: Callable[[np.ndarray], Any] | None = None):
   """(UNet module, params) from a diffusers UNet folder; strict about every tensor.
 
-  `dtype` is the compute dtype, `param_dtype` the dtype the params are returned in
-  (numpy arrays on the host; put them on devices with `jax.device_put`).
+  `dtype` is the compute dtype, `param_dtype` the dtype the params are returned in:
+  numpy arrays on the host, or whatever `place` (e.g. `jax.device_put`) makes of each
+  tensor as it is read.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"UNet folder {path!r} does not exist; expected a diffusers UNet "
@@ -46,7 +48,8 @@ def load_unet(path: str, dtype=jnp.float32, param_dtype=jnp.float32, variant: st
   config = UNetConfig.from_json(os.path.join(path, "config.json"))
   source = core.open_weights(path, WEIGHTS_STEM, variant)
   table, shapes = unet_table(config)
-  params = core.to_flax(table, shapes, source, dtype=jnp.dtype(param_dtype), progress=progress)
+  params = core.to_flax(table, shapes, source, dtype=jnp.dtype(param_dtype), progress=progress,
+                        place=place)
   module = UNet(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat)
   return module, params
 
