@@ -27,7 +27,10 @@ TORCH = [
     "diffusers==0.42.1",
 ]
 
-TEST = TORCH + [
+# Prompts from a tfds dataset prepared on disk (reading needs no TensorFlow).
+TFDS = ["tensorflow-datasets==4.9.10"]
+
+TEST = TORCH + TFDS + [
     "pytest==9.2.0",
     "elatentlpips==0.2",   # official E-LatentLPIPS, a test-only numerical reference
     "lpips==0.1.4",        # official pixel LPIPS, a test-only numerical reference
@@ -43,5 +46,5 @@ setup(
     package_data={"d2g_jax": ["presets/*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH, "test": TEST},
+    extras_require={"torch": TORCH, "tfds": TFDS, "test": TEST},
 )

@@ -1,10 +1,10 @@
 """`python -m d2g_jax.convert`: diffusers folder -> Orbax -> diffusers folder, bit-exact."""
 
 import os
-import resource
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from diffusers import UNet2DConditionModel
@@ -25,6 +25,7 @@ def test_cli_round_trip_bit_identical(tmp_path):
   run_cli("to-orbax", "--diffusers", src, "--orbax", ck)
   params, component, config = orbax_io.load(ck)
   assert component == "unet" and config["addition_embed_type"] == "text_time"
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))
   run_cli("to-diffusers", "--orbax", ck, "--diffusers", dst)
   a = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
   b = load_file(os.path.join(dst, "diffusion_pytorch_model.safetensors"))

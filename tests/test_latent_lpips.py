@@ -19,7 +19,8 @@ lpips = pytest.importorskip("lpips")
 torchvision = pytest.importorskip("torchvision")
 
 from d2g_jax.convert.core import ConversionError  # noqa: E402
-from d2g_jax.convert.lpips import load_latent_lpips, load_pixel_lpips, save_lpips  # noqa: E402
+from d2g_jax.convert.lpips import load_latent_lpips, load_pixel_lpips  # noqa: E402
+from d2g_jax.convert.lpips import main as convert_main  # noqa: E402
 from d2g_jax.models.latent_vgg import VGG16, LPIPS, LPIPSConfig, param_shapes  # noqa: E402
 
 
@@ -134,11 +135,11 @@ def test_trunk_file_gives_same_trunk_and_uncalibrated_heads(sd15, sd15_loaded):
 
 def test_folder_and_safetensors_round_trip(sd15, sd15_loaded, tmp_path):
   folder, _ = sd15
-  module, params = sd15_loaded
+  _, params = sd15_loaded
   _, from_folder = load_latent_lpips(os.path.join(folder, "ckpt"), "sd15")
   jax.tree.map(np.testing.assert_array_equal, from_folder, params)
   out = str(tmp_path / "sd15_elatentlpips.safetensors")
-  save_lpips(module, params, out)
+  convert_main(["--encoder", "sd15", "--checkpoint", os.path.join(folder, "ckpt"), "--out", out])
   _, again = load_latent_lpips(out, "sd15")
   jax.tree.map(np.testing.assert_array_equal, again, params)
 

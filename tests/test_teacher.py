@@ -7,7 +7,6 @@ assembled with diffusers and saved once per module.
 import json
 import os
 import shutil
-import string
 import types
 
 import diffusers
@@ -16,86 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from d2g_jax import teacher as teacher_lib
 from d2g_jax.convert import pipeline as pipeline_lib
 from d2g_jax.convert.unet import load_unet
-from d2g_jax.models.clip_text import CLIPTextConfig
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.models.vae import VAEConfig
+from d2g_jax.tiny import build
 from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
-MAX_LEN = 12
 PROMPTS = ["a photo of the cat", "the cat of the cat of the cat of the cat of a cat", ""]
 NEGATIVES = ["blurry", "the ugly cat", "a"]
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    skip_prk_steps=True, steps_offset=1)
-
-
-def make_tokenizer(pad_token: str) -> transformers.CLIPTokenizer:
-  """A CLIP BPE tokenizer over lowercase words; EOS has the highest id, as in real CLIP."""
-  vocab = {}
-  for c in string.ascii_lowercase + "!":
-    vocab[c] = len(vocab)
-  for c in string.ascii_lowercase:
-    vocab[c + "</w>"] = len(vocab)
-  merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("o", "f</w>")]
-  for a, b in merges:
-    vocab[a + b] = len(vocab)
-  vocab["<|startoftext|>"] = len(vocab)
-  vocab["<|endoftext|>"] = len(vocab)
-  return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LEN,
-                                    pad_token=pad_token)
-
-
-def make_text_encoder(hidden: int, act: str, projection_dim: int | None = None, seed: int = 0):
-  cfg = CLIPTextConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=MAX_LEN,
-                       hidden_act=act, projection_dim=projection_dim or hidden,
-                       with_projection=projection_dim is not None)
-  torch.manual_seed(seed)
-  cls = (transformers.CLIPTextModelWithProjection if cfg.with_projection
-         else transformers.CLIPTextModel)
-  return cls(transformers.CLIPTextConfig(**cfg.to_transformers())).eval()
-
-
-def make_unet(preset: str, seed: int = 0):
-  torch.manual_seed(seed)
-  unet = diffusers.UNet2DConditionModel.from_config(UNetConfig.preset(preset).to_diffusers()).eval()
-  with torch.no_grad():
-    for p in unet.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return unet
-
-
-def make_vae():
-  torch.manual_seed(1)
-  cfg = {k: v for k, v in VAEConfig.tiny().to_diffusers().items() if not k.startswith("_")}
-  return diffusers.AutoencoderKL(**cfg).eval()
-
-
-def build(family: str, folder: str, force_zeros: bool = True):
-  if family == "sdxl":
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=make_vae(), text_encoder=make_text_encoder(16, "quick_gelu", seed=2),
-        text_encoder_2=make_text_encoder(16, "gelu", projection_dim=32, seed=3),
-        tokenizer=make_tokenizer("<|endoftext|>"), tokenizer_2=make_tokenizer("!"),
-        unet=make_unet("tiny_sdxl"),
-        scheduler=diffusers.EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items()
-                                                      if k != "skip_prk_steps"}),
-        force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
-  else:
-    sd1 = family == "sd1"
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=make_vae(), text_encoder=make_text_encoder(24, "quick_gelu" if sd1 else "gelu", seed=4),
-        tokenizer=make_tokenizer("<|endoftext|>" if sd1 else "!"),
-        unet=make_unet("tiny_sd15" if sd1 else "tiny_sd2"),
-        scheduler=diffusers.PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-  pipe.set_progress_bar_config(disable=True)
-  pipe.save_pretrained(folder)
-  return pipe
 
 
 @pytest.fixture(scope="module")

@@ -255,6 +255,7 @@ def load_pixel_lpips(vgg_path: str | None = None, lin_path: str | None = "defaul
     source = from_state_dict(read_checkpoint(vgg_path), vgg_path)
     if "net.slice1.0.weight" in source.keys():  # a whole LPIPS module
       _check_in_channels(source, "net.slice1.0.weight", cfg, vgg_path)
+      _check_aliases(source, vgg_path)
       params = _convert(lpips_table(cfg), shapes, source, _is_extra, PIXEL_HINT)
       heads_done = True
     else:
@@ -287,11 +288,12 @@ def main(argv=None):
   p.add_argument("--encoder", default="sd15",
                  help=f"latent family ({', '.join(ENCODERS)}) or 'pixel' for pixel LPIPS")
   p.add_argument("--checkpoint", help="E-LatentLPIPS file/folder, or torchvision VGG16 (pixel)")
-  p.add_argument("--heads", default="default", help="pixel only: lpips heads file")
+  p.add_argument("--heads", default="default",
+                 help="pixel only: lpips heads file ('default': the lpips package's, '': none)")
   p.add_argument("--out", required=True, help="output .safetensors path")
   args = p.parse_args(argv)
   if args.encoder == "pixel":
-    module, params = load_pixel_lpips(args.checkpoint, args.heads)
+    module, params = load_pixel_lpips(args.checkpoint, args.heads or None)
   else:
     module, params = load_latent_lpips(args.checkpoint, args.encoder)
   save_lpips(module, params, args.out)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -43,10 +44,12 @@ def load(path: str, abstract_params: Any | None = None) -> tuple[Any, str, dict]
         f"{path} is not a d2g_jax Orbax checkpoint (expected sub-folders 'params' and 'config', "
         "as written by `python -m d2g_jax.convert to-orbax`)")
   ckptr = ocp.Checkpointer(_handler())
-  restore = ocp.args.PyTreeRestore(
-      item=abstract_params,
-      restore_args=None if abstract_params is None else
-      ocp.checkpoint_utils.construct_restore_args(abstract_params))
+  if abstract_params is None:  # host numpy arrays, whatever topology wrote the checkpoint
+    tree = ckptr.metadata(path).item_metadata["params"].tree
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+  restore = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args)
   out = ckptr.restore(path, ocp.args.Composite(params=restore, config=ocp.args.JsonRestore()))
   meta = out["config"]
   return out["params"], meta["component"], meta["config"]

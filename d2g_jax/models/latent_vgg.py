@@ -14,6 +14,9 @@ this network is a fixed loss, never trained.
 
 The distance is the LPIPS formula: per tap, unit-normalise features over channels, square the
 difference, weight channels with a 1x1 head (no bias), average over space; sum over taps.
+E-LatentLPIPS adds, as the official package does, the mean absolute difference of the two
+latents (before augmentation) and, with `augment=True`, first applies one random augmentation per
+sample to both latents (`d2g_jax.losses.augment`).
 """
 
 from __future__ import annotations
@@ -156,7 +159,10 @@ class LPIPSConfig:
   @classmethod
   def latent(cls, encoder: str = "sd15", augment: str | None = "bg", l1: bool = True,
              augment_p: float = 1.0) -> "LPIPSConfig":
-    """E-LatentLPIPS for an encoder family; `augment=None` and `l1=False` gives LatentLPIPS."""
+    """E-LatentLPIPS for an encoder family (call it with `augment=False` for LatentLPIPS).
+
+    `augment`: the ensemble's augmentation policy; `l1`: the official package's L1 term.
+    """
     if encoder not in ENCODERS:
       raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(ENCODERS)}")
     return cls(vgg=VGGConfig.latent(ENCODERS[encoder][0]), encoder=encoder, augment=augment,

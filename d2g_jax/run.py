@@ -1,0 +1,81 @@
+"""Stages and their order. Each stage is a function of the whole config, resumable on its own.
+
+Stages (config.stages, comma-separated, run in the order given):
+  tiny_teacher  build a tiny random-weight diffusers pipeline at config.teacher.path
+                (demo and CI: no model hub here; needs the torch extra)
+  roundtrip     teacher UNet: diffusers -> Flax -> Orbax -> diffusers, checked bit-exact,
+                and Flax vs diffusers outputs compared on random inputs (needs the torch extra)
+  pairs         the teacher's DDIM+CFG solutions as (z, c, x) ArrayRecord shards
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import ml_collections
+
+STAGES: dict[str, Callable[[ml_collections.ConfigDict], object]] = {}
+
+
+def stage(name: str):
+  def register(fn):
+    STAGES[name] = fn
+    return fn
+  return register
+
+
+@stage("tiny_teacher")
+def tiny_teacher(config):
+  from d2g_jax import tiny
+  path = config.teacher.path
+  if os.path.isfile(os.path.join(path, "model_index.json")):
+    print(f"[tiny_teacher] {path} already exists; keeping it")
+    return path
+  tiny.build(config.teacher.tiny_family, path)
+  print(f"[tiny_teacher] wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
+  return path
+
+
+@stage("roundtrip")
+def roundtrip(config):
+  from d2g_jax.convert import roundtrip as roundtrip_lib
+  return roundtrip_lib.check_unet(os.path.join(config.teacher.path, "unet"),
+                                  os.path.join(config.workdir, "roundtrip"))
+
+
+@stage("pairs")
+def pairs(config):
+  from d2g_jax.data import teacher_pairs
+  return teacher_pairs.run_pairs(config)
+
+
+def parse_stages(spec: str) -> list[str]:
+  names = [s.strip() for s in spec.split(",") if s.strip()]
+  unknown = [n for n in names if n not in STAGES]
+  if unknown or not names:
+    raise ValueError(f"config.stages={spec!r}: unknown stage(s) {unknown}; "
+                     f"available: {', '.join(STAGES)}")
+  return names
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy with the paths that default to places under `workdir` filled in."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.workdir = os.path.abspath(os.path.expanduser(config.workdir))
+  if not config.teacher.path:
+    config.teacher.path = os.path.join(config.workdir, "teacher")
+  if not config.pairs.out_dir:
+    config.pairs.out_dir = os.path.join(config.workdir, "pairs")
+  return config
+
+
+def run(config: ml_collections.ConfigDict):
+  names = parse_stages(config.stages)
+  config = resolve(config)
+  os.makedirs(config.workdir, exist_ok=True)
+  results = {}
+  for name in names:
+    print(f"=== stage {name} ===", flush=True)
+    results[name] = STAGES[name](config)
+  return results
