@@ -1,6 +1,5 @@
 """Paired differentiable augmentations (d2g_jax.losses.augment)."""
 
-import functools
 import math
 
 import jax
@@ -107,9 +106,10 @@ def test_gradients_flow(policy):
 
 
 def test_dtype_jit_vmap():
-  x = _x().astype(jnp.bfloat16)
+  x = _x((2, 8, 8, 16)).astype(jnp.bfloat16)  # 16 channels (SD3 / Flux latents), bf16
   a, b = _pair(jax.random.key(0), x, x, "bgco", 1.0)
   assert a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16 and a.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   xs = jnp.stack([_x(), _x(seed=1)])
   keys = jax.random.split(jax.random.key(0), 2)
   out = jax.jit(jax.vmap(lambda k, x: A.augment(k, x, "bgco")))(keys, xs)

@@ -144,7 +144,7 @@ def sample_params(key: jax.Array, batch: int, height: int, width: int, policy: s
 
 
 def reflect_index(i: jax.Array, n: int) -> jax.Array:
-  """Folds integer indices into [0, n) by mirroring about the edge pixels (d c b | a b c d | c b)."""
+  """Folds integer indices into [0, n), mirroring about the edge pixels (d c b | a b c d | c b)."""
   if n == 1:
     return jnp.zeros_like(i)
   period = 2 * (n - 1)
@@ -239,7 +239,9 @@ def _per_sample(v_B: jax.Array) -> jax.Array:
 
 
 def _colour_identity(params: AugParams) -> jax.Array:
-  return (params.brightness_B == 0) & (params.contrast_B == 1) & (params.saturation_B == 1)
+  """Per-sample flag: no colour transform fired (a reduction, see apply_params)."""
+  coefs_Bx3 = jnp.stack([params.brightness_B, params.contrast_B, params.saturation_B], -1)
+  return jnp.all(coefs_Bx3 == jnp.array([0.0, 1.0, 1.0]), axis=-1)
 
 
 def colour(x_BxHxWxC: jax.Array, params: AugParams) -> jax.Array:
@@ -249,9 +251,11 @@ def colour(x_BxHxWxC: jax.Array, params: AugParams) -> jax.Array:
   c = _per_sample(params.contrast_B)
   s = _per_sample(params.saturation_B)
   # Both means shift by b under brightness; contrast maps the pixel mean like any value.
-  mean = jnp.mean(x_BxHxWxC, axis=(1, 2, 3), keepdims=True) + b
-  # An unrolled sum: XLA:CPU reduces a 4-wide minor axis several times slower.
-  pixel_mean = sum(x_BxHxWxC[..., i:i + 1] for i in range(C)) / C + b
+  # The channel mean as a matmul: XLA:CPU reduces a 4-wide minor axis slowly.
+  pixel_mean = jnp.einsum("bhwc,c->bhw", x_BxHxWxC, jnp.full((C,), 1 / C, jnp.float32),
+                          precision=_HI)[..., None]
+  mean = jnp.mean(pixel_mean, axis=(1, 2, 3), keepdims=True) + b
+  pixel_mean = pixel_mean + b
   pixel_mean = (pixel_mean - mean) * c + mean
   x = (x_BxHxWxC + b - mean) * c + mean
   return (x - pixel_mean) * s + pixel_mean
@@ -264,9 +268,12 @@ def apply_params(params: AugParams, x_BxHxWxC: jax.Array) -> jax.Array:
   if params.xflip_B is not None:
     x = blit(x, params.xflip_B, params.rot90_B, params.shift_Bx2)
   if params.log2_scale_B is not None:
-    identity_B = ((params.log2_scale_B == 0) & (params.theta_pre_B == 0)
-                  & (params.log2_aniso_B == 0) & (params.theta_post_B == 0)
-                  & jnp.all(params.frac_shift_Bx2 == 0, axis=-1))
+    # Flags via one reduction: XLA materialises reductions, where chains of compares on the
+    # raw draws get fused (and recomputed) into every per-pixel loop: 5x slower backward.
+    identity_B = jnp.all(jnp.concatenate(
+        [params.frac_shift_Bx2, jnp.stack([params.log2_scale_B, params.theta_pre_B,
+                                           params.log2_aniso_B, params.theta_post_B], -1)],
+        axis=-1) == 0, axis=-1)
     warped = affine_resample(x, geometric_matrix(params, H, W))
     x = jnp.where(_per_sample(identity_B), x, warped)
   if params.brightness_B is not None:
