@@ -8,8 +8,8 @@ respect to the first latent (the generator output), the second one a fixed targe
 Memory: XLA's compiled memory analysis of that program (arguments + outputs + temporaries -
 aliased; the temporaries are the activations and workspace), and the peak resident set size of
 the process that measures that loss alone (each loss runs in its own fresh process; the figure
-includes the Python / JAX runtime, about 0.5 GB, and compilation). The paper (A100, fp32 PyTorch): 12.1 ms / 0.6 GB against
-117 ms / 15 GB.
+includes the Python / JAX runtime, about 0.5 GB, and compilation).
+The paper (A100, PyTorch): 12.1 ms / 0.6 GB against 117 ms / 15 GB.
 """
 
 from __future__ import annotations

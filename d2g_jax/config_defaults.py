@@ -16,7 +16,7 @@ def base() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = ""              # a diffusers pipeline folder (model_index.json, unet/, vae/, ...)
   c.teacher.dtype = "float32"      # compute dtype: float32, or bfloat16 on accelerators
-  c.teacher.attention = "xla"      # xla | cudnn (GPU) | chunked (CPU, long sequences)
+  c.teacher.attention = "auto"     # auto (cudnn on GPU bf16, chunked on CPU) | xla | cudnn | chunked
   c.teacher.tiny_family = "sd1"    # tiny_teacher stage only: sd1 | sd2 | sdxl
 
   c.pairs = ml_collections.ConfigDict()

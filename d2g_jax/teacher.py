@@ -186,7 +186,7 @@ def _tokenizer(path: str, info: PipelineInfo, name: str):
 
 
 def load_teacher(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 components: Sequence[str] = COMPONENTS, attention: str = "xla",
+                 components: Sequence[str] = COMPONENTS, attention: str = "auto",
                  variant: str | None = None) -> Teacher:
   """Loads a diffusers SD 1.x / SD 2.x / SDXL pipeline folder.
 

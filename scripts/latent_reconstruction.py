@@ -1,7 +1,7 @@
 """Single-latent reconstruction (the paper's figure): optimise one latent toward a target under each
 regression loss and plot its distance to the target (latent PSNR) against the step.
 
-  python scripts/latent_reconstruction.py --out /tmp/recon               # synthetic target, CPU, ~2 min
+  python scripts/latent_reconstruction.py --out /tmp/recon   # synthetic target, CPU, ~2 min
   python scripts/latent_reconstruction.py --target z.npy --weights ckpt/ --size 64 --steps 500
 
 Without E-LatentLPIPS weights (`--weights`) the perceptual losses use a random VGG trunk (with a
@@ -38,7 +38,8 @@ def parse_args(argv=None):
   p.add_argument("--losses", default=",".join(LATENT_LOSSES), help="comma-separated loss names")
   p.add_argument("--augment", default="bg", help="augmentation policy of e_latent_lpips")
   p.add_argument("--no_l1", action="store_true", help="drop the L1 term of the LPIPS losses")
-  p.add_argument("--pixel_lpips", action="store_true", help="also pixel LPIPS (needs a VAE decoder)")
+  p.add_argument("--pixel_lpips", action="store_true",
+                 help="also pixel LPIPS (through a VAE decoder)")
   p.add_argument("--vae", default="tiny", choices=("tiny", "sd"), help="decoder for --pixel_lpips")
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--lr", type=float, default=0.05)

@@ -11,17 +11,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torchvision
 
-torch = pytest.importorskip("torch")
-warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-elatentlpips = pytest.importorskip("elatentlpips")
-lpips = pytest.importorskip("lpips")
-torchvision = pytest.importorskip("torchvision")
+with warnings.catch_warnings():
+  warnings.simplefilter("ignore")  # elatentlpips imports the deprecated pkg_resources
+  import elatentlpips  # noqa: E402
+  import lpips  # noqa: E402
 
 from d2g_jax.convert.core import ConversionError  # noqa: E402
 from d2g_jax.convert.lpips import load_latent_lpips, load_pixel_lpips  # noqa: E402
 from d2g_jax.convert.lpips import main as convert_main  # noqa: E402
 from d2g_jax.models.latent_vgg import VGG16, LPIPS, LPIPSConfig, param_shapes  # noqa: E402
+
+
+# The reference packages build torchvision models with the deprecated `pretrained=` argument.
+pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
 
 
 def _randomise_bn(module):

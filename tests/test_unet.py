@@ -67,15 +67,22 @@ def test_odd_latent_size_and_chunked_attention(tmp_path):
   _, params = load_unet(str(tmp_path))
   module = UNet(UNetConfig.preset("tiny_sd15"), attention="chunked")
   x, t, ctx, added = inputs(module.config, batch=1, size=13)
-  # 13x13 = 169 tokens; chunk 64 forces three query blocks, one of them padded.
-  from d2g_jax.models import attention as attn_mod
-  orig = attn_mod.attention.__kwdefaults__["chunk"]
-  attn_mod.attention.__kwdefaults__["chunk"] = 64
-  try:
-    ours = module.apply({"params": params}, x, t[:1], ctx, added)
-  finally:
-    attn_mod.attention.__kwdefaults__["chunk"] = orig
+  ours = module.apply({"params": params}, x, t[:1], ctx, added)
   assert_close_to_scale(ours, reference(model, x, t[:1], ctx, added), 1e-4)
+
+
+@pytest.mark.parametrize("chunk", [None, 16, 64, 100])
+def test_chunked_attention_matches_dot_product_attention(chunk):
+  """169 queries: several blocks, the last one padded; gradients too."""
+  from d2g_jax.models.attention import attention
+  q, k, v = (jnp.asarray(randn(i, 2, 169, 3, 8)) for i in range(3))
+  k, v = k[:, :150], v[:, :150]
+  ref = jax.nn.dot_product_attention(q, k, v)
+  np.testing.assert_allclose(attention(q, k, v, implementation="chunked", chunk=chunk), ref,
+                             atol=1e-6)
+  grad = lambda impl: jax.grad(lambda q_: jnp.sum(jnp.sin(
+      attention(q_, k, v, implementation=impl, chunk=chunk))))(q)
+  np.testing.assert_allclose(grad("chunked"), grad("xla"), atol=1e-6)
 
 
 def test_scalar_timestep_and_remat_gradients(tmp_path):

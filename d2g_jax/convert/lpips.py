@@ -1,4 +1,4 @@
-"""E-LatentLPIPS and pixel-LPIPS weights (PyTorch pickles) -> Flax params of `models.latent_vgg.LPIPS`.
+"""E-LatentLPIPS and pixel-LPIPS weights (PyTorch pickles) -> Flax params of `latent_vgg.LPIPS`.
 
 Sources understood:
   * `{encoder}_latest_vgg16_tuned.pth`: the official E-LatentLPIPS module state dict (trunk
@@ -62,7 +62,8 @@ def trunk_table(cfg: VGGConfig, key_of: KeyOf = module_key) -> Table:
     table[(conv, "kernel")] = Entry(f"{torch_conv}.weight", CONV)
     table[(conv, "bias")] = Entry(f"{torch_conv}.bias", IDENTITY)
     if cfg.batch_norm:
-      bn, torch_bn = f"slice{layer.block + 1}_{layer.index + 1}", key_of(layer.block, layer.index + 1)
+      bn = f"slice{layer.block + 1}_{layer.index + 1}"
+      torch_bn = key_of(layer.block, layer.index + 1)
       for leaf, torch_leaf in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
                                ("var", "running_var")):
         table[(bn, leaf)] = Entry(f"{torch_bn}.{torch_leaf}", IDENTITY)
@@ -203,8 +204,9 @@ def load_latent_lpips(path: str | None, encoder: str = "sd15", *, augment: str |
              f"{encoder}_latent_vgg16.pth.tar"]
     found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
     if not found:
-      raise FileNotFoundError(f"no E-LatentLPIPS weights for encoder {encoder!r} in {path!r}: looked "
-                              f"for {', '.join(names)}. Download them from {ELATENTLPIPS_URL}.")
+      raise FileNotFoundError(f"no E-LatentLPIPS weights for encoder {encoder!r} in {path!r}: "
+                              f"looked for {', '.join(names)}. Download them from "
+                              f"{ELATENTLPIPS_URL}.")
     path = found[0]
   obj = read_checkpoint(path)
   if "state_dict" in obj:  # the latent VGG16-BN classifier: trunk only

@@ -32,7 +32,7 @@ def unet_table(config: UNetConfig) -> tuple[core.Table, Any]:
 
 
 def load_unet(path: str, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
-              attention: str = "xla", remat: bool = False,
+              attention: str = "auto", remat: bool = False,
               progress: Callable[[Iterator], Iterator] | None = None,
               place: Callable[[np.ndarray], Any] | None = None):
   """(UNet module, params) from a diffusers UNet folder; strict about every tensor.

@@ -63,7 +63,7 @@ def params_from_state_dict(config: VAEConfig, state: dict, dtype=np.float32) -> 
 
 
 def load_vae(path: str, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
-             implementation: str = "xla",
+             implementation: str = "auto",
              progress: Callable[[Iterator], Iterator] | None = None
              ) -> tuple[AutoencoderKL, dict]:
   """(AutoencoderKL module, params) from a diffusers VAE folder; strict about every tensor."""

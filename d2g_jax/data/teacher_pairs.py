@@ -117,7 +117,7 @@ def teacher_fns(teacher: Teacher, *, guidance_scale: float, num_steps: int, eta:
   _, uncond = teacher.encode_prompt([""], [negative_prompt] if negative_prompt else None,
                                     height=height, width=width)
   params = {"unet": teacher.unet_params, "text": tuple(enc.params for enc in encoders),
-            "uncond": uncond}
+            "uncond": jax.tree.map(np.asarray, uncond)}  # host arrays, like the weights
 
   def encode_fn(prompts: Sequence[str]) -> dict[str, np.ndarray]:
     out = {}
@@ -219,15 +219,23 @@ def _expected_config(config, meta: dict, prompts: list[str], shape) -> dict:
 
 
 def _existing(out_dir: str, expected: dict) -> dict | None:
-  """The folder's manifest if it is complete and made by this config, None if there is
-  nothing or an unfinished run of this config; raises if another config made it."""
+  """The folder's manifest if this config already completed it; None if there is nothing
+  or work is left (a shard and its sidecar deleted, say); raises if another config
+  made it, listing the differences."""
   path = os.path.join(out_dir, fmt.MANIFEST)
   if not os.path.exists(path):
     return None
   manifest = fmt.read_manifest(out_dir)
   found = {k: manifest["config"].get(k) for k in expected}
-  pairs_lib._check_config(path, found, expected)  # lists every difference
-  return manifest if manifest["status"] == "complete" else None
+  pairs_lib._check_config(path, found, expected)
+  if manifest["status"] != "complete":
+    return None
+  for s in range(manifest["num_shards"]):
+    info = fmt.read_sidecar(out_dir, s, manifest["num_shards"])
+    if info is None:
+      return None
+    fmt.check_shard(out_dir, info, "size")
+  return manifest
 
 
 def run_pairs(config) -> dict:
@@ -256,8 +264,6 @@ def run_pairs(config) -> dict:
 
   done = _existing(out_dir, _expected_config(config, meta, prompts, shape))
   if done is not None:
-    from d2g_jax.data.source import PairSource
-    PairSource(out_dir)  # every listed shard present, sizes checked
     print(f"[pairs] {out_dir} is already complete ({done['num_examples']} pairs); nothing to do")
     return done
   if os.path.exists(os.path.join(out_dir, fmt.MANIFEST)):

@@ -119,7 +119,8 @@ class VGG16(nn.Module):
   def __call__(self, x_BxHxWxC) -> list[jax.Array]:
     cfg = self.config
     if x_BxHxWxC.shape[-1] != cfg.in_channels:
-      raise ValueError(f"VGG16 expects {cfg.in_channels} input channels, got shape {x_BxHxWxC.shape}")
+      raise ValueError(f"VGG16 expects {cfg.in_channels} input channels, "
+                       f"got shape {x_BxHxWxC.shape}")
     # torchvision init: He normal (fan_out, relu), zero bias.
     kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     layers = list(conv_layers(cfg))
@@ -152,7 +153,7 @@ class LPIPSConfig:
   # (`lpips`).
   norm_eps: float = 1e-8
   eps_inside_sqrt: bool = True
-  augment: str | None = "bg"       # augmentation policy for `augment=True` (b, g, c, o, bg, bgco, ...)
+  augment: str | None = "bg"       # policy for `augment=True`: b, g, c, o, bg, bgc, bgco, ...
   augment_p: float = 1.0           # probability multiplier of every augmentation
   l1: bool = True                  # add the mean |a - b| over H, W, C (before augmentation)
 

@@ -31,7 +31,7 @@ class _BlockOptions(nn.Module):
   """Fields every UNet block shares."""
   config: UNetConfig
   block: int  # index among down blocks (up blocks use the mirrored index)
-  attention: str = "xla"
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -106,7 +106,7 @@ class UpBlock(_BlockOptions):
 
 
 class UNet(nn.Module):
-  """UNet2DConditionModel. `attention`: "xla" | "cudnn" | "chunked" (see models/attention.py).
+  """UNet2DConditionModel. `attention`: "auto" | "xla" | "cudnn" | "chunked" (models/attention.py).
 
   `remat=True` rematerialises every down/mid/up block in the backward pass, trading
   compute for activation memory in training.
@@ -114,7 +114,7 @@ class UNet(nn.Module):
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention: str = "xla"
+  attention: str = "auto"
   remat: bool = False
 
   @nn.compact

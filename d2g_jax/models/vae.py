@@ -132,7 +132,7 @@ class VAEAttention(nn.Module):
   """The mid-block self-attention: group norm, one head over all pixels, residual."""
   groups: int
   rescale_output_factor: float = 1.0
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -155,7 +155,7 @@ class MidBlock(nn.Module):
   """diffusers `UNetMidBlock2D` without time embedding: resnet, (attention, resnet)."""
   channels: int
   config: VAEConfig
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -198,7 +198,7 @@ class SampleBlock(nn.Module):
 class Encoder(nn.Module):
   """Pixels BxHxWx3 -> Bxhxwx(2L) (mean and log-variance, before quant_conv)."""
   config: VAEConfig
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -220,7 +220,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """Latents Bxhxwx L (after post_quant_conv) -> pixels BxHxWx3."""
   config: VAEConfig
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -248,7 +248,7 @@ class AutoencoderKL(nn.Module):
   "chunked" keeps the 1024 px (16,384-token) attention small in memory.
   """
   config: VAEConfig
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
