@@ -12,6 +12,7 @@ def base() -> ml_collections.ConfigDict:
   c.workdir = "/tmp/d2g"
   c.seed = 0
   c.stages = "pairs"
+  c.distributed = False            # multi-host: jax.distributed.initialize() (see launch/)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = ""              # a diffusers pipeline folder (model_index.json, unet/, vae/, ...)

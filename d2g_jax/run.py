@@ -73,6 +73,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict):
   names = parse_stages(config.stages)
   config = resolve(config)
+  if config.distributed:
+    import jax
+    jax.distributed.initialize()  # reads the cluster (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS)
+    print(f"[run] process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
   os.makedirs(config.workdir, exist_ok=True)
   results = {}
   for name in names:

@@ -41,6 +41,7 @@ def parse_args(argv=None):
   p.add_argument("--pixel_lpips", action="store_true",
                  help="also pixel LPIPS (through a VAE decoder)")
   p.add_argument("--vae", default="tiny", choices=("tiny", "sd"), help="decoder for --pixel_lpips")
+  p.add_argument("--lpips_vgg", default="", help="torchvision VGG16 state dict for --pixel_lpips")
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--lr", type=float, default=0.05)
   p.add_argument("--seed", type=int, default=0)
@@ -142,6 +143,7 @@ def main(argv=None):
               l1=not args.no_l1)
     if name == "lpips":
       kw["decode"], kw["decoder_params"] = pixel_decoder(args.vae, target.shape[-1])
+      kw["lpips_vgg"] = args.lpips_vgg or None
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       loss_fn, params = perceptual.build_loss(name, **kw)
