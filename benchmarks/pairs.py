@@ -1,8 +1,8 @@
 """Pair generation throughput: our teacher sampling against diffusers' PyTorch pipeline.
 
-    python benchmarks/pairs.py                                   # CPU, fp32, batch 1, 3 steps
+    python benchmarks/pairs.py                                   # CPU, fp32, batch 1, 2 steps (~5 min)
     python benchmarks/pairs.py --batch 1 2 --attention chunked xla
-    python benchmarks/pairs.py --dtype bfloat16 --attention cudnn --steps 10     # GPU
+    python benchmarks/pairs.py --dtype bfloat16 --steps 10 --batch 1 8      # GPU (auto: cuDNN)
 
 One pair = tokenise + CLIP ViT-L/14 text encoder + `--steps` DDIM steps with
 classifier-free guidance 3 (two UNet evaluations a step, batched) from 64x64x4 noise:
@@ -15,7 +15,10 @@ and both sides sample the same noise and prompts. PyTorch runs
 (and, for JAX, after compiling); pairs/s at 50 steps scales that time by 50 / steps
 (text encoding is scaled with it, so slightly pessimistic for both). The largest
 difference between the two sides' final latents, relative to their scale, is printed
-as a sanity check.
+as a sanity check. As in the stage, our empty negative prompt is encoded once, up front;
+diffusers encodes it at every call (one more text-encoder pass, small next to the UNet).
+On a CPU shared with other jobs torch's threads can stall each other: `--torch-threads 1 2`
+times both. `--tiny` runs tiny models (a smoke test of this script, seconds).
 """
 
 from __future__ import annotations
@@ -112,10 +115,11 @@ def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, nargs="+", default=[1], help="pairs per call")
-  p.add_argument("--steps", type=int, default=3, help="DDIM steps timed (scaled to 50)")
+  p.add_argument("--steps", type=int, default=2, help="DDIM steps timed (scaled to 50)")
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--attention", nargs="+", default=["chunked"],
-                 help="our UNet attention kernels to time: xla, chunked (CPU), cudnn (GPU)")
+  p.add_argument("--attention", nargs="+", default=["auto"],
+                 help="our UNet attention kernels to time: auto (chunked on CPU, cuDNN on GPU in "
+                      "bf16), xla, chunked, cudnn")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--torch-threads", type=int, nargs="+", default=[0],
                  help="torch CPU threads to time (0: torch's default); on a busy CPU one "

@@ -133,7 +133,7 @@ def test_manifest(stage):
   assert [s["num_records"] for s in manifest["shards"]] == [8, 4]
   meta = manifest["config"]["meta"]
   assert meta["teacher"] == {"path": path, "family": family, "dtype": "float32",
-                             "attention": "xla",
+                             "attention": config.teacher.attention,
                              "fingerprint": teacher_pairs.teacher_fingerprint(path)}
   assert meta["guidance_scale"] == GUIDANCE and meta["num_steps"] == STEPS
   assert meta["eta"] == 0.0 and meta["sampler"] == "ddim"
