@@ -6,6 +6,8 @@ loading, encoding, sampling and export path runs end to end on a laptop CPU. Nee
 conversion extra: pip install 'd2g_jax[torch]'.
 """
 
+import json
+import os
 import string
 
 import diffusers
@@ -75,8 +77,9 @@ def build(family: str, folder: str, force_zeros: bool = True):
         text_encoder_2=make_text_encoder(16, "gelu", projection_dim=32, seed=3),
         tokenizer=make_tokenizer("<|endoftext|>"), tokenizer_2=make_tokenizer("!"),
         unet=make_unet("tiny_sdxl"),
-        scheduler=diffusers.EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items()
-                                                      if k != "skip_prk_steps"}),
+        scheduler=diffusers.EulerDiscreteScheduler(
+            timestep_spacing="leading", **{k: v for k, v in SD_SCHEDULER.items()
+                                           if k != "skip_prk_steps"}),
         force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
   else:
     sd1 = family == "sd1"
@@ -88,4 +91,13 @@ def build(family: str, folder: str, force_zeros: bool = True):
         feature_extractor=None, requires_safety_checker=False)
   pipe.set_progress_bar_config(disable=True)
   pipe.save_pretrained(folder)
+  if family == "sdxl":
+    # SDXL base's scheduler_config.json also carries the DDIM options below (DDIM reads
+    # them; Euler does not take them as arguments), so write them as the real file has them.
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(path) as fh:
+      config = json.load(fh)
+    config.update(clip_sample=False, set_alpha_to_one=False)
+    with open(path, "w") as fh:
+      json.dump(config, fh, indent=2)
   return pipe
