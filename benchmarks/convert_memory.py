@@ -10,7 +10,6 @@ makes it exit non-zero above that multiple.
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys

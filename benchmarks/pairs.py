@@ -24,7 +24,6 @@ times both. `--tiny` runs tiny models (a smoke test of this script, seconds).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -44,6 +43,7 @@ from d2g_jax.models.vae import VAEConfig
 from d2g_jax.sampling import ScheduleConfig
 from d2g_jax.teacher import Teacher, TextEncoder
 from d2g_jax.tiny import make_tokenizer
+from common import median_time
 
 SD15_SCHEDULER = {  # stable-diffusion-v1-5 scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -51,17 +51,6 @@ SD15_SCHEDULER = {  # stable-diffusion-v1-5 scheduler/scheduler_config.json
     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
 PROMPTS = ["a photo of the cat", "the cat of the cat", "a cat", "the photo of a cat"]
 GUIDANCE = 3.0
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def configs(tiny: bool) -> tuple[UNetConfig, CLIPTextConfig, int]:

@@ -14,7 +14,6 @@ output difference as a sanity check.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -26,17 +25,7 @@ from d2g_jax.convert import core
 from d2g_jax.convert.unet import unet_table
 from d2g_jax.models.unet import UNet
 from d2g_jax.models.unet_config import UNetConfig
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+from common import median_time
 
 
 def main():

@@ -89,13 +89,8 @@ def save_clip_text(module: CLIPTextModel, params, path: str, dtype=None):
   Weights first and config.json last, each atomically, so a folder with a config.json
   always has whole weights beside it. `dtype` (e.g. np.float16) casts the weights.
   """
-  os.makedirs(path, exist_ok=True)
-  config_path = os.path.join(path, "config.json")
-  if os.path.exists(config_path):  # an interrupted overwrite must not look whole
-    os.remove(config_path)
-  core.save_params_safetensors(clip_table(module.config), params,
-                               os.path.join(path, "model.safetensors"), dtype=dtype)
   cfg = module.config.to_transformers()
   leaf = jax.tree_util.tree_leaves(params)[0]
   cfg["dtype"] = jnp.dtype(dtype if dtype is not None else leaf.dtype).name
-  core.save_json(cfg, config_path)
+  core.save_model_folder(clip_table(module.config), params, cfg, path, "model.safetensors",
+                         dtype=dtype)

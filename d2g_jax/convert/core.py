@@ -401,3 +401,19 @@ def save_params_safetensors(table: Table, params: Any, path: str, *, dtype=None,
       fh.flush()
       os.fsync(fh.fileno())
   atomic_write(path, write)
+
+
+def save_model_folder(table: Table, params: Any, config: dict, path: str, weights_name: str, *,
+                      dtype=None, progress: Callable[[Iterator], Iterator] | None = None):
+  """Writes `path/<weights_name>` then `path/config.json`, each atomically.
+
+  config.json is removed first and written last, so a folder with a config.json always
+  has whole weights beside it, even if an overwrite is interrupted.
+  """
+  os.makedirs(path, exist_ok=True)
+  config_path = os.path.join(path, "config.json")
+  if os.path.exists(config_path):
+    os.remove(config_path)
+  save_params_safetensors(table, params, os.path.join(path, weights_name), dtype=dtype,
+                          progress=progress)
+  save_json(config, config_path)

@@ -90,10 +90,5 @@ def save_vae(module: AutoencoderKL, params: Any, path: str, dtype=None):
   always has whole weights beside it.
   """
   table, _ = vae_table(module.config)
-  os.makedirs(path, exist_ok=True)
-  config_path = os.path.join(path, "config.json")
-  if os.path.exists(config_path):  # an interrupted overwrite must not look whole
-    os.remove(config_path)
-  core.save_params_safetensors(table, params, os.path.join(path, WEIGHTS_STEM + ".safetensors"),
-                               dtype=dtype)
-  core.save_json(module.config.to_diffusers(), config_path)
+  core.save_model_folder(table, params, module.config.to_diffusers(), path,
+                         WEIGHTS_STEM + ".safetensors", dtype=dtype)

@@ -29,7 +29,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
