@@ -1,4 +1,4 @@
-"""Stages and their order. Each stage is a function of the whole config, resumable on its own.
+"""Stages and their order. Each stage is a function of the whole config, safe to re-run.
 
 Stages (config.stages, comma-separated, run in the order given):
   tiny_teacher  build a tiny random-weight diffusers pipeline at config.teacher.path
