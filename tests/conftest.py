@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import d2g_jax  # noqa: E402,F401  (sets its XLA flags before JAX starts, as in real use)
+
 import jax  # noqa: E402
 
 # Tiny models: compile time dominates, so skip most XLA optimisation passes.

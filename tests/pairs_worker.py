@@ -77,7 +77,10 @@ def main(argv=None):
   p.add_argument("--num-processes", type=int, default=1)
   p.add_argument("--port", type=int, default=0)
   args = p.parse_args(argv)
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  # Keep the flags d2g_jax set at import (tests/conftest.py runs with the same), swap the device count.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax
   # The same settings as tests/conftest.py, so subprocess and in-process runs agree bitwise.

@@ -85,6 +85,18 @@ def test_chunked_attention_matches_dot_product_attention(chunk):
   np.testing.assert_allclose(grad("chunked"), grad("xla"), atol=1e-6)
 
 
+def test_chunked_attention_default_blocks_split_queries_evenly(monkeypatch):
+  """With a small score budget the default splits 169 queries into 4 blocks of 43 (3 padded)."""
+  from d2g_jax.models import attention as attention_lib
+  monkeypatch.setattr(attention_lib, "CHUNK_BUDGET", 150 * 50)
+  q, k, v = (jnp.asarray(randn(i, 2, 169, 3, 8)) for i in range(3))
+  k, v = k[:, :150], v[:, :150]
+  blocks = jax.make_jaxpr(lambda *a: attention_lib.attention(*a, implementation="chunked"))(q, k, v)
+  assert "f32[6,4,43,8]" in str(blocks)  # (batch x heads, blocks, queries per block, width)
+  np.testing.assert_allclose(attention_lib.attention(q, k, v, implementation="chunked"),
+                             jax.nn.dot_product_attention(q, k, v), atol=1e-6)
+
+
 def test_scalar_timestep_and_remat_gradients(tmp_path):
   make_diffusers_unet("tiny_sd15", str(tmp_path))
   module, params = load_unet(str(tmp_path))

@@ -36,35 +36,44 @@ def resolve_implementation(implementation: str, dtype) -> str:
   return "chunked" if backend == "cpu" else "xla"
 
 
-CHUNK_BUDGET = 1 << 21  # score elements per block (8 MB in fp32): about a CPU's L2/L3 share
+CHUNK_BUDGET = 1 << 18  # score elements per block (1 MB in fp32): fits a CPU core's L2
 
 
 def _chunked(q_BxTxNxK, k_BxSxNxK, v_BxSxNxK, chunk: int | None):
-  """Exact attention over blocks of queries, heads-major, normalised after the value product.
+  """Exact attention, one (example, head) at a time over blocks of queries.
 
-  Each block's score matrix (B x N x chunk x S) stays cache-sized, and the softmax
-  division touches chunk x K outputs instead of chunk x S probabilities.
+  Each block's score matrix (chunk x S) stays in cache, and the softmax division touches
+  chunk x K outputs instead of chunk x S probabilities. Looping over examples and heads
+  (rather than batching them into one block) keeps the block size, and so the speed per
+  token, the same at every batch size.
   """
   B, T, N, K = q_BxTxNxK.shape
   S = k_BxSxNxK.shape[1]
   if chunk is None:
-    chunk = max(16, min(T, CHUNK_BUDGET // (B * N * S)))
+    n = -(-T // max(16, CHUNK_BUDGET // S))
+    chunk = -(-T // n)  # equal blocks: pad at most n - 1 queries
   n = -(-T // chunk)
-  q_BxNxTxK = jnp.transpose(q_BxTxNxK, (0, 2, 1, 3)) * jnp.asarray(K ** -0.5, q_BxTxNxK.dtype)
-  q_BxNxTxK = jnp.pad(q_BxNxTxK, ((0, 0), (0, 0), (0, n * chunk - T), (0, 0)))
-  k_BxNxKxS = jnp.transpose(k_BxSxNxK, (0, 2, 3, 1))
-  v_BxNxSxK = jnp.transpose(v_BxSxNxK, (0, 2, 1, 3))
-  q_nxBxNxCxK = jnp.moveaxis(q_BxNxTxK.reshape(B, N, n, chunk, K), 2, 0)
+  G = B * N
+  q_GxTxK = (jnp.transpose(q_BxTxNxK, (0, 2, 1, 3)).reshape(G, T, K)
+             * jnp.asarray(K ** -0.5, q_BxTxNxK.dtype))
+  q_GxnxCxK = jnp.pad(q_GxTxK, ((0, 0), (0, n * chunk - T), (0, 0))).reshape(G, n, chunk, K)
+  k_GxKxS = jnp.transpose(k_BxSxNxK, (0, 2, 3, 1)).reshape(G, K, S)
+  v_GxSxK = jnp.transpose(v_BxSxNxK, (0, 2, 1, 3)).reshape(G, S, K)
 
-  def block(q_BxNxCxK):
-    s = jnp.matmul(q_BxNxCxK, k_BxNxKxS, preferred_element_type=jnp.float32)
-    p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
-    o = jnp.matmul(p.astype(v_BxNxSxK.dtype), v_BxNxSxK, preferred_element_type=jnp.float32)
-    return (o / p.sum(-1, keepdims=True)).astype(q_BxTxNxK.dtype)
+  def head(args):
+    q_nxCxK, k_KxS, v_SxK = args
 
-  o_nxBxNxCxK = jax.lax.map(block, q_nxBxNxCxK)
-  o_BxTxNxK = jnp.transpose(o_nxBxNxCxK, (1, 0, 3, 2, 4)).reshape(B, n * chunk, N, K)
-  return o_BxTxNxK[:, :T]
+    def block(q_CxK):
+      s = jnp.matmul(q_CxK, k_KxS, preferred_element_type=jnp.float32)
+      p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+      o = jnp.matmul(p.astype(v_SxK.dtype), v_SxK, preferred_element_type=jnp.float32)
+      return (o / p.sum(-1, keepdims=True)).astype(q_BxTxNxK.dtype)
+
+    return jax.lax.map(block, q_nxCxK)
+
+  o_GxnxCxK = jax.lax.map(head, (q_GxnxCxK, k_GxKxS, v_GxSxK))
+  o_BxNxTxK = o_GxnxCxK.reshape(B, N, n * chunk, K)[:, :, :T]
+  return jnp.transpose(o_BxNxTxK, (0, 2, 1, 3))
 
 
 def attention(q_BxTxNxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax.Array, *,
