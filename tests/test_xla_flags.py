@@ -13,7 +13,17 @@ from d2g_jax import _xla_flags
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
-def test_apply_adds_flag_and_keeps_existing_flags():
+@pytest.fixture
+def fresh_process(monkeypatch):
+  """`apply` as it runs at import in a fresh process, before any JAX backend starts.
+
+  In the full suite earlier tests have started JAX already, which `apply` detects (see
+  the warning test below), so the pure environment logic is tested with that check off.
+  """
+  monkeypatch.setattr(_xla_flags, "_backends_started", lambda: False)
+
+
+def test_apply_adds_flag_and_keeps_existing_flags(fresh_process):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   assert _xla_flags.apply(env) == [f"{FLAG}="]
   assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}="
@@ -21,7 +31,7 @@ def test_apply_adds_flag_and_keeps_existing_flags():
   assert env["XLA_FLAGS"].count(FLAG) == 1
 
 
-def test_apply_never_overrides_the_user_and_has_an_opt_out():
+def test_apply_never_overrides_the_user_and_has_an_opt_out(fresh_process):
   env = {"XLA_FLAGS": f"{FLAG}=dot"}
   assert _xla_flags.apply(env) == [] and env["XLA_FLAGS"] == f"{FLAG}=dot"
   env = {_xla_flags.OPT_OUT_ENV: "1"}
@@ -30,7 +40,7 @@ def test_apply_never_overrides_the_user_and_has_an_opt_out():
   assert _xla_flags.apply(env) == [f"{FLAG}="] and env["XLA_FLAGS"] == f"{FLAG}="
 
 
-def test_apply_warns_once_jax_has_started(monkeypatch):
+def test_apply_warns_once_jax_has_started():
   jax.devices()  # make sure this process's backends are up
   with pytest.warns(UserWarning, match="after JAX started its backends"):
     assert _xla_flags.apply({}) == []
