@@ -1,4 +1,4 @@
-"""Timing helper shared by the benchmark scripts."""
+"""Timing helpers shared by the benchmark scripts."""
 
 import statistics
 import time
@@ -14,3 +14,20 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+  """Median wall time of each (already warmed-up) `fns[name]()`, timed in turns.
+
+  Round r times every function once, starting from a different one each round, so a
+  slow spell of a shared machine (other tenants, frequency changes) lands on all of
+  them rather than on whichever happened to be timed during it.
+  """
+  names = list(fns)
+  times = {name: [] for name in names}
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      t0 = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}

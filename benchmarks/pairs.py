@@ -12,7 +12,8 @@ and transformers build the PyTorch models, their weights are converted to our pa
 and both sides sample the same noise and prompts. PyTorch runs
 `StableDiffusionPipeline(..., output_type="latent")` with a DDIMScheduler in
 `torch.inference_mode`. Each time is the median of `--repeats` runs after one warm-up
-(and, for JAX, after compiling); pairs/s at 50 steps scales that time by 50 / steps
+(and, for JAX, after compiling), all sides timed in turns (one run of each per round,
+so a slow spell on a shared machine hits them alike); pairs/s at 50 steps scales that time by 50 / steps
 (text encoding is scaled with it, so slightly pessimistic for both). The largest
 difference between the two sides' final latents, relative to their scale, is printed
 as a sanity check. As in the stage, our empty negative prompt is encoded once, up front;
@@ -43,7 +44,7 @@ from d2g_jax.models.vae import VAEConfig
 from d2g_jax.sampling import ScheduleConfig
 from d2g_jax.teacher import Teacher, TextEncoder
 from d2g_jax.tiny import make_tokenizer
-from common import median_time
+from common import interleaved_medians
 
 SD15_SCHEDULER = {  # stable-diffusion-v1-5 scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -155,13 +156,14 @@ def main():
         torch.cuda.synchronize()
       return out
 
+    runs, notes = {}, {}
     for threads in [] if args.no_torch else args.torch_threads:
-      torch.set_num_threads(threads or default_threads)
-      secs = median_time(torch_run, args.repeats)
-      ref = torch_run().float().cpu().numpy().transpose(0, 2, 3, 1)
-      name = f"diffusers ({torch.get_num_threads()} threads)"
-      rows.append((batch, name, secs, ""))
-      print(f"  batch {batch}: {name} {secs:.2f} s", flush=True)
+      def run_with(threads=threads or default_threads):
+        torch.set_num_threads(threads)
+        return torch_run()
+      name = f"diffusers ({threads or default_threads} threads)"
+      runs[name], notes[name] = run_with, ""
+      ref = run_with().float().cpu().numpy().transpose(0, 2, 3, 1)  # also the warm-up
 
     for attention, teacher in teachers.items():
       encode_fn, generate_fn, params = teacher_fns(teacher, guidance_scale=GUIDANCE,
@@ -169,17 +171,22 @@ def main():
                                                    height=side * vae_scale,
                                                    width=side * vae_scale)
       generate = jax.jit(generate_fn)
-      run = lambda: generate(params, z, encode_fn(prompts))["x"].block_until_ready()
+      run = (lambda generate=generate, encode_fn=encode_fn, params=params:
+             generate(params, z, encode_fn(prompts))["x"].block_until_ready())
       t0 = time.perf_counter()
       x = np.asarray(run(), np.float32)
-      first = time.perf_counter() - t0
-      secs = median_time(run, args.repeats, warmup=0)
-      note = f"first call (compile) {first:.0f} s"
+      name = f"d2g_jax attention={attention}"
+      notes[name] = f"first call (compile) {time.perf_counter() - t0:.0f} s"
       if ref is not None:
         err = np.abs(x - ref).max() / np.abs(ref).max()
-        note += f", max diff vs diffusers {err:.1e} of scale"
-      rows.append((batch, f"d2g_jax attention={attention}", secs, note))
-      print(f"  batch {batch}: d2g_jax {attention} {secs:.2f} s ({note})", flush=True)
+        notes[name] += f", max diff vs diffusers {err:.1e} of scale"
+      runs[name] = run
+      print(f"  batch {batch}: {name}: {notes[name]}", flush=True)
+
+    for name, secs in interleaved_medians(runs, args.repeats).items():
+      rows.append((batch, name, secs, notes[name]))
+      print(f"  batch {batch}: {name} {secs:.2f} s", flush=True)
+    torch.set_num_threads(default_threads)
 
   print(f"\n{'batch':>5}  {'implementation':30s} {'s/call':>8} {'pairs/s @50 steps':>18} "
         f"{'speed-up':>9}  notes")

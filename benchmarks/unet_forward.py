@@ -8,7 +8,8 @@ the PyTorch model, its weights are converted to our params, and both run the sam
 random latents, timestep and text embeddings. Prints the median of `--repeats` timed
 runs after warm-up for each attention implementation of ours, PyTorch eager in
 inference mode (and `torch.compile` with --torch-compile), the ratio, and the largest
-output difference as a sanity check.
+output difference as a sanity check. The implementations are timed in turns (one run
+of each per round), so a slow spell on a shared machine hits all of them alike.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from d2g_jax.convert import core
 from d2g_jax.convert.unet import unet_table
 from d2g_jax.models.unet import UNet
 from d2g_jax.models.unet_config import UNetConfig
-from common import median_time
+from common import interleaved_medians
 
 
 def main():
@@ -82,32 +83,34 @@ def main():
         return out
       return run
 
-    t_torch = median_time(torch_fn(ref), args.repeats)
-    ref_out = torch_fn(ref)().float().cpu().numpy().transpose(0, 2, 3, 1)
-    rows.append((batch, "diffusers (PyTorch eager)", t_torch, None))
+    runs = {"diffusers (PyTorch eager)": torch_fn(ref)}
+    ref_out = runs["diffusers (PyTorch eager)"]().float().cpu().numpy().transpose(0, 2, 3, 1)
     if args.torch_compile:
-      compiled = torch.compile(ref)
-      t_comp = median_time(torch_fn(compiled), args.repeats, warmup=2)
-      rows.append((batch, "diffusers (torch.compile)", t_comp, None))
-
+      runs["diffusers (torch.compile)"] = torch_fn(torch.compile(ref))
+      runs["diffusers (torch.compile)"]()  # compiles
+    notes = {}
     xs = [jnp.asarray(a) for a in (x, t, ctx)]
     for impl in args.attention:
       module = UNet(config, dtype=jdtype, param_dtype=jdtype, attention=impl)
-      fwd = jax.jit(lambda p_, a, b, c, d: module.apply({"params": p_}, a, b, c, d))
-      run = lambda: fwd(params, *xs, added).block_until_ready()
+      fwd = jax.jit(lambda p_, a, b, c, d, module=module: module.apply({"params": p_}, a, b, c, d))
+      run = lambda fwd=fwd: fwd(params, *xs, added).block_until_ready()
       t0 = time.perf_counter()
       out = run()
       compile_s = time.perf_counter() - t0
-      t_ours = median_time(run, args.repeats, warmup=0)
       err = float(np.abs(np.asarray(out, np.float32) - ref_out).max() / np.abs(ref_out).max())
-      rows.append((batch, f"d2g_jax attention={impl}", t_ours, (err, compile_s)))
+      name = f"d2g_jax attention={impl}"
+      runs[name] = run
+      notes[name] = f"max rel diff {err:.1e}, first call {compile_s:.0f}s"
+    for name in runs:
+      runs[name]()  # warm-up: every side has run once before timing
+    for name, secs in interleaved_medians(runs, args.repeats).items():
+      rows.append((batch, name, secs, notes.get(name, "")))
 
   print(f"\n{'batch':>5}  {'implementation':30s} {'median s':>9}  {'vs PyTorch eager':>16}  notes")
   eager = {b: s for b, name, s, _ in rows if name.startswith("diffusers (PyTorch eager")}
   for batch, name, secs, extra in rows:
     ratio = eager[batch] / secs
-    note = "" if extra is None else f"max rel diff {extra[0]:.1e}, first call {extra[1]:.0f}s"
-    print(f"{batch:>5}  {name:30s} {secs:9.3f}  {ratio:15.2f}x  {note}")
+    print(f"{batch:>5}  {name:30s} {secs:9.3f}  {ratio:15.2f}x  {extra}")
   print("\n(ratio > 1: faster than PyTorch eager)")
 
 

@@ -39,10 +39,27 @@ def resolve_implementation(implementation: str, dtype) -> str:
 CHUNK_BUDGET = 1 << 18  # score elements per block (1 MB in fp32): fits a CPU core's L2
 
 
+def _row_max(s_CxS: jax.Array, stop: int = 16) -> jax.Array:
+  """Max over the last axis (keepdims) by repeated halving.
+
+  Each halving is an elementwise maximum of two slices, and XLA fuses the chain into one
+  vectorised pass over the scores. A plain `max` row reduction is rewritten by XLA:CPU's
+  tree-reduction pass into several unfused reduce-window passes, which cost as much as
+  the rest of the softmax together. Odd widths take overlapping halves (max is
+  idempotent), so the result is exactly `s.max(-1, keepdims=True)`.
+  """
+  while s_CxS.shape[-1] > stop:
+    w = s_CxS.shape[-1]
+    h = (w + 1) // 2
+    s_CxS = jnp.maximum(s_CxS[..., :h], s_CxS[..., w - h:])
+  return s_CxS.max(-1, keepdims=True)
+
+
 def _chunked(q_BxTxNxK, k_BxSxNxK, v_BxSxNxK, chunk: int | None):
   """Exact attention, one (example, head) at a time over blocks of queries.
 
-  Each block's score matrix (chunk x S) stays in cache, and the softmax division touches
+  Each block's score matrix (chunk x S) stays in cache; its row maxima come from
+  `_row_max`, its row sums from the value product, and the softmax division touches
   chunk x K outputs instead of chunk x S probabilities. Looping over examples and heads
   (rather than batching them into one block) keeps the block size, and so the speed per
   token, the same at every batch size.
@@ -60,18 +77,21 @@ def _chunked(q_BxTxNxK, k_BxSxNxK, v_BxSxNxK, chunk: int | None):
   k_GxKxS = jnp.transpose(k_BxSxNxK, (0, 2, 3, 1)).reshape(G, K, S)
   v_GxSxK = jnp.transpose(v_BxSxNxK, (0, 2, 1, 3)).reshape(G, S, K)
 
+  # A column of ones after V makes the value product also return each row's softmax sum.
+  v1_GxSxK1 = jnp.concatenate([v_GxSxK, jnp.ones((G, S, 1), v_GxSxK.dtype)], axis=-1)
+
   def head(args):
-    q_nxCxK, k_KxS, v_SxK = args
+    q_nxCxK, k_KxS, v1_SxK1 = args
 
     def block(q_CxK):
-      s = jnp.matmul(q_CxK, k_KxS, preferred_element_type=jnp.float32)
-      p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
-      o = jnp.matmul(p.astype(v_SxK.dtype), v_SxK, preferred_element_type=jnp.float32)
-      return (o / p.sum(-1, keepdims=True)).astype(q_BxTxNxK.dtype)
+      s_CxS = jnp.matmul(q_CxK, k_KxS, preferred_element_type=jnp.float32)
+      p_CxS = jnp.exp(s_CxS - jax.lax.stop_gradient(_row_max(s_CxS)))
+      o_CxK1 = jnp.matmul(p_CxS.astype(v1_SxK1.dtype), v1_SxK1, preferred_element_type=jnp.float32)
+      return (o_CxK1[:, :K] / o_CxK1[:, K:]).astype(q_BxTxNxK.dtype)
 
     return jax.lax.map(block, q_nxCxK)
 
-  o_GxnxCxK = jax.lax.map(head, (q_GxnxCxK, k_GxKxS, v_GxSxK))
+  o_GxnxCxK = jax.lax.map(head, (q_GxnxCxK, k_GxKxS, v1_GxSxK1))
   o_BxNxTxK = o_GxnxCxK.reshape(B, N, n * chunk, K)[:, :, :T]
   return jnp.transpose(o_BxNxTxK, (0, 2, 1, 3))
 
