@@ -97,6 +97,40 @@ def test_chunked_attention_default_blocks_split_queries_evenly(monkeypatch):
                              jax.nn.dot_product_attention(q, k, v), atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [1, 2, 15, 16, 17, 33, 77, 150, 4096])
+def test_row_max_by_halving_is_exact(width):
+  """Odd widths take overlapping halves: still exactly the row maximum."""
+  from d2g_jax.models.attention import _row_max
+  s = jnp.asarray(randn(width, 6, width))
+  s = s.at[0, -1].set(1e30).at[1, 0].set(-jnp.inf)  # the maximum at an edge; -inf entries
+  np.testing.assert_array_equal(_row_max(s), s.max(-1, keepdims=True))
+
+
+def test_chunked_attention_stays_exact_with_huge_logits():
+  """Scores of +-1e3 overflow exp() unless the row maximum is subtracted."""
+  from d2g_jax.models.attention import attention
+  q, k, v = (jnp.asarray(randn(i, 1, 37, 2, 8)) for i in range(3))
+  q = q * 300.0
+  out = attention(q, k, v, implementation="chunked", chunk=16)
+  assert bool(jnp.isfinite(out).all())
+  np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 64), (1, 33, 3, 96), (1, 64, 64, 32)])
+def test_group_norm_matches_torch_in_float64(shape):
+  """Odd spatial sizes exercise pairwise_sum's carried rows; checked against float64."""
+  from d2g_jax.models.layers import GroupNorm
+  x = randn(0, *shape) * 3 + 2
+  scale, bias = randn(1, shape[-1]), randn(2, shape[-1])
+  ours = GroupNorm(32, 1e-6).apply({"params": {"scale": scale, "bias": bias}}, x)
+  ref = torch.nn.GroupNorm(32, shape[-1], eps=1e-6).double()
+  ref.weight.data, ref.bias.data = torch.tensor(scale).double(), torch.tensor(bias).double()
+  expected = nhwc(ref(torch.tensor(nchw(x)).double()).detach()).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(ours, np.float64), expected, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
+    GroupNorm(32).init(jax.random.PRNGKey(0), np.zeros((1, 2, 2, 48), np.float32))
+
+
 def test_scalar_timestep_and_remat_gradients(tmp_path):
   make_diffusers_unet("tiny_sd15", str(tmp_path))
   module, params = load_unet(str(tmp_path))
