@@ -16,17 +16,21 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict:
+def interleaved_medians(fns: dict, repeats: int, pause: float = 1.0) -> dict:
   """Median wall time of each (already warmed-up) `fns[name]()`, timed in turns.
 
   Round r times every function once, starting from a different one each round, so a
   slow spell of a shared machine (other tenants, frequency changes) lands on all of
-  them rather than on whichever happened to be timed during it.
+  them rather than on whichever happened to be timed during it. Each call starts
+  `pause` seconds after the previous one ends: the worker threads of one runtime
+  (PyTorch's OpenMP pool, XLA's Eigen pool) keep spinning for a while after their work,
+  and on a 2-core machine measurably slow whichever runtime is timed next.
   """
   names = list(fns)
   times = {name: [] for name in names}
   for r in range(repeats):
     for name in names[r % len(names):] + names[:r % len(names)]:
+      time.sleep(pause)
       t0 = time.perf_counter()
       fns[name]()
       times[name].append(time.perf_counter() - t0)
