@@ -12,9 +12,10 @@ and transformers build the PyTorch models, their weights are converted to our pa
 and both sides sample the same noise and prompts. PyTorch runs
 `StableDiffusionPipeline(..., output_type="latent")` with a DDIMScheduler in
 `torch.inference_mode`. Each time is the median of `--repeats` runs after one warm-up
-(and, for JAX, after compiling), all sides timed in turns (one run of each per round,
-so a slow spell on a shared machine hits them alike); pairs/s at 50 steps scales that time by 50 / steps
-(text encoding is scaled with it, so slightly pessimistic for both). The largest
+(and, for JAX, after compiling), all sides timed in turns with a 1 s pause between
+calls (`common.interleaved_medians`: a slow spell on a shared machine hits them alike);
+pairs/s at 50 steps scales that time by 50 / steps (text encoding is scaled with it, so
+slightly pessimistic for both). The largest
 difference between the two sides' final latents, relative to their scale, is printed
 as a sanity check. As in the stage, our empty negative prompt is encoded once, up front;
 diffusers encodes it at every call (one more text-encoder pass, small next to the UNet).

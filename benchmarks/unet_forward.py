@@ -8,8 +8,9 @@ the PyTorch model, its weights are converted to our params, and both run the sam
 random latents, timestep and text embeddings. Prints the median of `--repeats` timed
 runs after warm-up for each attention implementation of ours, PyTorch eager in
 inference mode (and `torch.compile` with --torch-compile), the ratio, and the largest
-output difference as a sanity check. The implementations are timed in turns (one run
-of each per round), so a slow spell on a shared machine hits all of them alike.
+output difference as a sanity check. The implementations are timed in turns with a 1 s
+pause between calls (`common.interleaved_medians`), so a slow spell on a shared machine
+hits all of them alike.
 """
 
 from __future__ import annotations
