@@ -28,7 +28,7 @@ import numpy as np
 from flax import linen as nn
 
 from d2g_jax.convert.clip import load_clip_text
-from d2g_jax.convert.core import load_json
+from d2g_jax.files import load_json
 from d2g_jax.convert.pipeline import PipelineInfo, inspect_pipeline
 from d2g_jax.convert.unet import load_unet
 from d2g_jax.convert.vae import load_vae

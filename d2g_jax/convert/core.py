@@ -17,11 +17,12 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
+
+from d2g_jax.files import atomic_write, load_json, save_json  # noqa: F401  (re-exported)
 
 Path = tuple[str, ...]
 
@@ -316,44 +317,9 @@ def to_torch(table: Table, params: Any, *, dtype=None,
 
 
 # ---------------------------------------------------------------- writing
-def atomic_write(path: str, write: Callable[[str], None]):
-  """Calls `write(tmp)` and renames tmp to `path`, so `path` is whole or absent."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_safetensors(state: Mapping[str, np.ndarray], path: str, metadata=None):
   from safetensors.numpy import save_file
   atomic_write(path, lambda tmp: save_file(dict(state), tmp, metadata=metadata or {"format": "pt"}))
-
-
-def save_json(obj: Any, path: str):
-  def write(tmp):
-    with open(tmp, "w") as fh:
-      json.dump(obj, fh, indent=2, sort_keys=True)
-      fh.write("\n")
-  atomic_write(path, write)
-
-
-def load_json(path: str, what: str = "config") -> dict:
-  if not os.path.isfile(path):
-    folder = os.path.dirname(path) or "."
-    hint = "" if os.path.isdir(folder) else f" (folder {folder!r} does not exist)"
-    raise FileNotFoundError(f"{what} file {path!r} not found{hint}")
-  try:
-    with open(path) as fh:
-      return json.load(fh)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{what} file {path!r} is not valid JSON: {e}") from e
 
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",

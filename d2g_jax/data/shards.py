@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from flax import serialization
 
-from d2g_jax.convert.core import atomic_write, load_json
+from d2g_jax.files import atomic_write, load_json
 
 FORMAT = "d2g_jax.pairs"
 FORMAT_VERSION = 1

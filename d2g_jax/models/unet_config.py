@@ -193,7 +193,7 @@ class UNetConfig:
 
   @classmethod
   def from_json(cls, path: str) -> "UNetConfig":
-    from d2g_jax.convert.core import load_json
+    from d2g_jax.files import load_json
     return cls.from_diffusers(load_json(path, "UNet config"), source=path)
 
   def to_diffusers(self) -> dict:

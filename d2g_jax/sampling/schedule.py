@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from d2g_jax.convert.core import load_json
+from d2g_jax.files import load_json
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

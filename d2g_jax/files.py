@@ -1,0 +1,47 @@
+"""Small file helpers every layer uses: atomic writes and JSON with clear errors.
+
+The lowest module of the package (standard library only), so that models/, sampling/,
+data/, train/ and convert/ all import from here and no lower layer reaches into another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+
+def atomic_write(path: str, write: Callable[[str], None]):
+  """Calls `write(tmp)` and renames tmp to `path`, so `path` is whole or absent."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_json(obj: Any, path: str):
+  def write(tmp):
+    with open(tmp, "w") as fh:
+      json.dump(obj, fh, indent=2, sort_keys=True)
+      fh.write("\n")
+  atomic_write(path, write)
+
+
+def load_json(path: str, what: str = "config") -> dict:
+  if not os.path.isfile(path):
+    folder = os.path.dirname(path) or "."
+    hint = "" if os.path.isdir(folder) else f" (folder {folder!r} does not exist)"
+    raise FileNotFoundError(f"{what} file {path!r} not found{hint}")
+  try:
+    with open(path) as fh:
+      return json.load(fh)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{what} file {path!r} is not valid JSON: {e}") from e
