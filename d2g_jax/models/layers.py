@@ -88,12 +88,12 @@ class GroupNorm(nn.Module):
     return y.reshape(x.shape)
 
 
-def group_norm(num_groups: int, epsilon: float, param_dtype, name: str) -> GroupNorm:
+def group_norm(num_groups: int, epsilon: float, param_dtype, name: str | None = None) -> GroupNorm:
   """torch.nn.GroupNorm over NHWC, statistics and output in fp32."""
   return GroupNorm(num_groups=num_groups, epsilon=epsilon, param_dtype=param_dtype, name=name)
 
 
-def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1,
+def conv(features: int, kernel: int, dtype, param_dtype, name: str | None = None, stride: int = 1,
          padding: Any = None) -> nn.Conv:
   pad = kernel // 2 if padding is None else padding
   if isinstance(pad, int):

@@ -86,7 +86,12 @@ class MidBlock(_BlockOptions):
 
 
 class UpBlock(_BlockOptions):
-  """CrossAttnUpBlock2D or UpBlock2D: each resnet eats one skip; then nearest-2x + conv."""
+  """CrossAttnUpBlock2D or UpBlock2D: each resnet eats one skip; then nearest-2x + conv.
+
+  Returns (h, (pre, cat, out)): the block's output and, for the discriminator's
+  readouts, its features at this scale: before the first skip concatenation, right
+  after it, and after the last resnet/transformer (before upsampling).
+  """
   up_index: int = 0
 
   @nn.compact
@@ -94,15 +99,19 @@ class UpBlock(_BlockOptions):
     c, k = self.config, self.up_index
     channels = tuple(reversed(c.block_out_channels))[k]
     has_attn = c.up_block_types[k] == "CrossAttnUpBlock2D"
+    pre = cat = h
     for j, skip in enumerate(skips):
       h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+      if j == 0:
+        cat = h
       h = self.resnet(channels, f"resnets_{j}")(h, temb)
       if has_attn:
         h = self.transformer(channels, c.up_transformer_layers[k][j], f"attentions_{j}")(h, ctx)
+    out = h
     if upsample_size is not None:
       h = Upsample2D(channels, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="upsamplers_0")(h, upsample_size)
-    return h
+    return h, (pre, cat, out)
 
 
 class UNet(nn.Module):
@@ -110,6 +119,17 @@ class UNet(nn.Module):
 
   `remat=True` rematerialises every down/mid/up block in the backward pass, trading
   compute for activation memory in training.
+
+  `__call__` is diffusers' forward. Its pieces are methods, so that other models
+  (the discriminator) can run the same modules with their own additions in between,
+  under the same parameter names:
+
+      emb = unet.embed(timestep, batch, added_cond_kwargs); ctx = unet.context(ehs)
+      h = unet.stem(sample); skips = [h]
+      for i: h, s = unet.down(i, h, emb, ctx); skips += s
+      h = unet.mid(h, emb, ctx)
+      for k: h, skips, (pre, cat, out) = unet.up(k, h, skips, emb, ctx)
+      eps = unet.head(h)
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
@@ -117,50 +137,82 @@ class UNet(nn.Module):
   attention: str = "auto"
   remat: bool = False
 
-  @nn.compact
-  def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+  def setup(self):
     c = self.config
     kw = dict(config=c, attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype)
     wrap = (lambda cls: nn.remat(cls, static_argnums=(5,) if cls is UpBlock else ())) \
         if self.remat else (lambda cls: cls)
-    b = sample.shape[0]
-    ctx = encoder_hidden_states.astype(self.dtype)
-
-    # 1. time (and SDXL's text/size) embedding
-    t_B = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
-    t_emb = timestep_embedding(t_B, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-    emb = TimestepEmbedding(c.time_embed_dim, c.act_fn, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="time_embedding")(t_emb)
+    n = c.num_blocks
+    self.time_embedding = TimestepEmbedding(c.time_embed_dim, c.act_fn, dtype=self.dtype,
+                                            param_dtype=self.param_dtype)
     if c.addition_embed_type == "text_time":
-      emb = emb + self._text_time_embedding(added_cond_kwargs, b)
+      self.add_embedding = TimestepEmbedding(c.time_embed_dim, c.act_fn, dtype=self.dtype,
+                                             param_dtype=self.param_dtype)
+    self.conv_in = conv(c.block_out_channels[0], c.conv_in_kernel, self.dtype, self.param_dtype)
+    self.down_blocks = [wrap(DownBlock)(block=i, **kw) for i in range(n)]
+    self.mid_block = wrap(MidBlock)(block=n - 1, **kw)
+    # up block k mirrors down block n-1-k
+    self.up_blocks = [wrap(UpBlock)(block=n - 1 - k, up_index=k, **kw) for k in range(n)]
+    self.conv_norm_out = group_norm(c.norm_num_groups, c.norm_eps, self.param_dtype)
+    self.conv_out = conv(c.out_channels, c.conv_out_kernel, self.dtype, self.param_dtype)
+
+  def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+    emb = self.embed(timestep, sample.shape[0], added_cond_kwargs)
+    ctx = self.context(encoder_hidden_states)
+    h = self.stem(sample)
+    skips = [h]
+    for i in range(self.config.num_blocks):
+      h, block_skips = self.down(i, h, emb, ctx)
+      skips.extend(block_skips)
+    h = self.mid(h, emb, ctx)
+    for k in range(self.config.num_blocks):
+      h, skips, _ = self.up(k, h, skips, emb, ctx)
+    return self.head(h)
+
+  # ------------------------------------------------------------- the pieces
+  def embed(self, timestep, batch: int, added_cond_kwargs=None):
+    """Time (and SDXL's text/size) embedding, BxD."""
+    c = self.config
+    t_B = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (batch,))
+    t_emb = timestep_embedding(t_B, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+    emb = self.time_embedding(t_emb)
+    if c.addition_embed_type == "text_time":
+      emb = emb + self._text_time_embedding(added_cond_kwargs, batch)
     if c.time_embedding_act_fn is not None:
       emb = activation(c.time_embedding_act_fn)(emb)
+    return emb
 
-    # 2. down
+  def context(self, encoder_hidden_states):
+    return encoder_hidden_states.astype(self.dtype)
+
+  def stem(self, sample):
+    """conv_in (after `center_input_sample`): the first skip."""
     x = sample.astype(self.dtype)
-    if c.center_input_sample:
+    if self.config.center_input_sample:
       x = 2 * x - 1.0
-    h = conv(c.block_out_channels[0], c.conv_in_kernel, self.dtype, self.param_dtype, "conv_in")(x)
-    skips = [h]
-    for i in range(c.num_blocks):
-      h, block_skips = wrap(DownBlock)(block=i, name=f"down_blocks_{i}", **kw)(h, emb, ctx)
-      skips.extend(block_skips)
+    return self.conv_in(x)
 
-    # 3. mid
-    h = wrap(MidBlock)(block=c.num_blocks - 1, name="mid_block", **kw)(h, emb, ctx)
+  def down(self, i: int, h, emb, ctx):
+    """Down block i -> (h, its skips)."""
+    return self.down_blocks[i](h, emb, ctx)
 
-    # 4. up: block k mirrors down block n-1-k and consumes layers+1 skips
-    for k in range(c.num_blocks):
-      n_skips = c.layers[c.num_blocks - 1 - k] + 1
-      block_skips, skips = tuple(reversed(skips[-n_skips:])), skips[:-n_skips]
-      upsample_size = tuple(skips[-1].shape[1:3]) if k < c.num_blocks - 1 else None
-      h = wrap(UpBlock)(block=c.num_blocks - 1 - k, up_index=k, name=f"up_blocks_{k}", **kw)(
-          h, block_skips, emb, ctx, upsample_size)
+  def mid(self, h, emb, ctx):
+    return self.mid_block(h, emb, ctx)
 
-    # 5. out
-    h = group_norm(c.norm_num_groups, c.norm_eps, self.param_dtype, "conv_norm_out")(h)
-    h = activation(c.act_fn)(h).astype(self.dtype)
-    return conv(c.out_channels, c.conv_out_kernel, self.dtype, self.param_dtype, "conv_out")(h)
+  def up(self, k: int, h, skips: list, emb, ctx):
+    """Up block k eats the last layers+1 skips -> (h, the skips left, (pre, cat, out))."""
+    c = self.config
+    n_skips = c.layers[c.num_blocks - 1 - k] + 1
+    block_skips, skips = tuple(reversed(skips[-n_skips:])), list(skips[:-n_skips])
+    upsample_size = tuple(skips[-1].shape[1:3]) if k < c.num_blocks - 1 else None
+    h, feats = self.up_blocks[k](h, block_skips, emb, ctx, upsample_size)
+    return h, skips, feats
+
+  def head(self, h):
+    """conv_norm_out, activation, conv_out: the model's prediction."""
+    h = self.conv_norm_out(h)
+    h = activation(self.config.act_fn)(h).astype(self.dtype)
+    return self.conv_out(h)
 
   def _text_time_embedding(self, added_cond_kwargs, b: int):
     c = self.config
@@ -181,8 +233,7 @@ class UNet(nn.Module):
                        f"({time_emb.shape[-1]}) = {add.shape[-1]} features, but this UNet's "
                        f"projection_class_embeddings_input_dim is "
                        f"{c.projection_class_embeddings_input_dim}")
-    return TimestepEmbedding(c.time_embed_dim, c.act_fn, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="add_embedding")(add)
+    return self.add_embedding(add)
 
 
 def init_shapes(config: UNetConfig, param_dtype=jnp.float32, batch: int = 1, size: int = 8):

@@ -1,0 +1,185 @@
+"""Pure step functions of Diffusion2GAN: the discriminator update, the generator update,
+and the train step that runs one then the other.
+
+Legend: B batch, H/W/C latent height/width/channels.
+
+    objective = Objective(generator, discriminator, regression, g_tx, d_tx, ...)
+    step = jax.jit(functools.partial(train_step, objective), static_argnames="do_r1",
+                   donate_argnames="state")
+    state, metrics = step(state, consts, batch, do_r1=(i % r1_interval == 0))
+
+`consts` = {"loss": the regression loss's params, "text": frozen text-encoder params or
+None}: constants of the step, never differentiated or updated, passed separately so that
+the donated state holds only what changes. `batch` holds "z", "x" (BxHxWxC) and the
+conditioning of the pair records (`models.generator.condition`).
+
+Discriminator update: D sees (x, z, c) as real and (G(z, c), z, c) as fake, with a
+`mix_fraction` of the fake rows' latents swapped for other rows' real or generated
+latents (z and c kept, still fake); real and fake rows run in one D call of 2B rows,
+interleaved per example so that a batch sharded over devices stays in place. With
+`do_r1`, the single-sample R1 penalty (weight interval * gamma / 2) is added.
+Generator update: regression_weight * regression(G(z, c), x) + gan_weight * NS-GAN(D(G(z,
+c), z, c)) with D's just-updated params, then the EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from d2g_jax.losses import adversarial as adv
+from d2g_jax.models.discriminator import Discriminator
+from d2g_jax.models.generator import EncodeTokens, Generator, condition
+from d2g_jax.sampling.loop import interleave
+from d2g_jax.train.optim import ema_update
+from d2g_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Everything static about the objective: models, loss, optimisers and weights."""
+  generator: Generator
+  discriminator: Discriminator
+  regression: Callable  # losses.perceptual LossFn: (params, a, b, key) -> scalar
+  g_tx: optax.GradientTransformation
+  d_tx: optax.GradientTransformation
+  g_lr: Callable[[Any], Any] = lambda step: 0.0  # schedules, for the metrics
+  d_lr: Callable[[Any], Any] = lambda step: 0.0
+  regression_weight: float = 1.0
+  gan_weight: float = 0.1
+  r1_gamma: float = 1.0
+  r1_interval: int = 16
+  r1_samples: int = 1
+  mix_fraction: float = 0.25
+  ema_decay: float = 0.999
+  d_timestep: int = 0            # D's UNet timestep when inputs are not diffused
+  diffuse: bool = False          # noise D's inputs to t ~ U{t_min..t_max}
+  diffuse_t_min: int = 0
+  diffuse_t_max: int = 999
+  sdxl: bool = False
+  time_ids: tuple[float, ...] | None = None  # SDXL: the pairs' (6,) micro-conditioning
+  encode_tokens: EncodeTokens | None = None  # recompute embeddings from token ids
+
+  def cond(self, consts, batch) -> dict:
+    time_ids = None if self.time_ids is None else np.asarray(self.time_ids, np.float32)
+    return condition(batch, sdxl=self.sdxl, time_ids_1x6=time_ids,
+                     text_params=consts.get("text"), encode_tokens=self.encode_tokens)
+
+  def d_inputs(self, key, *xs_BxHxWxC) -> tuple[list[jax.Array], jax.Array]:
+    """What D sees: the latents (noised if `diffuse`) and its timestep per row."""
+    if self.diffuse:
+      return adv.diffuse(key, self.generator.schedule, self.diffuse_t_min, self.diffuse_t_max,
+                         *xs_BxHxWxC)
+    b = xs_BxHxWxC[0].shape[0]
+    return list(xs_BxHxWxC), jnp.full((b,), self.d_timestep, jnp.int32)
+
+  def apply_d(self, d_params, x, z, cond, t_B) -> list[jax.Array]:
+    return self.discriminator.apply({"params": d_params}, x, z, cond, t_B)
+
+
+def _interleave_tree(a, b):
+  return jax.tree.map(interleave, a, b)
+
+
+def _masked_mean(v_B: jax.Array, mask_B: jax.Array) -> jax.Array:
+  m = mask_B.astype(jnp.float32)
+  return jnp.sum(v_B * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _readout_metrics(prefix: str, names, logits, mask_B) -> dict[str, jax.Array]:
+  return {f"{prefix}/{n}": _masked_mean(l.reshape(l.shape[0], -1).mean(axis=1), mask_B)
+          for n, l in zip(names, logits)}
+
+
+def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
+                       key: jax.Array, do_r1: bool = False) -> tuple[TrainState, dict]:
+  """One D update -> (state with new d_params and d_opt, metrics)."""
+  cond = obj.cond(consts, batch)
+  z, x = batch["z"], batch["x"].astype(jnp.float32)
+  k_mix, k_diff = jax.random.split(key)
+  x_fake = jax.lax.stop_gradient(obj.generator.apply(state.g_params, z, cond))
+  x_fake, mm = adv.mix_and_match(k_mix, x, x_fake, obj.mix_fraction)
+  (x_real_in, x_fake_in), t_B = obj.d_inputs(k_diff, x, x_fake)
+  names = obj.discriminator.readout_names()
+
+  def loss_fn(d_params):
+    logits = obj.apply_d(d_params, interleave(x_real_in, x_fake_in), interleave(z, z),
+                         _interleave_tree(cond, cond), interleave(t_B, t_B))
+    real, fake = [l[0::2] for l in logits], [l[1::2] for l in logits]
+    loss_real, loss_fake = adv.d_loss(real, fake)
+    loss = loss_real + loss_fake
+    score_real, score_fake = adv.per_sample_score(real), adv.per_sample_score(fake)
+    ones, genuine = jnp.ones_like(score_real, bool), ~mm["mixed"]
+    aux = {"d/loss_real": loss_real, "d/loss_fake": loss_fake,
+           "d/logit_real": jnp.mean(score_real),
+           "d/logit_fake": _masked_mean(score_fake, genuine),
+           "d/logit_mixed": _masked_mean(score_fake, mm["mixed"]),
+           **_readout_metrics("d/logit_real", names, real, ones),
+           **_readout_metrics("d/logit_fake", names, fake, genuine)}
+    if do_r1:
+      n = obj.r1_samples
+      head = lambda tree: jax.tree.map(lambda a: a[:n], tree)
+      score = lambda xs: adv.per_sample_score(
+          obj.apply_d(d_params, xs, z[:n], head(cond), t_B[:n]))
+      r1 = adv.r1_penalty(score, x_real_in[:n])
+      loss = loss + adv.r1_weight(obj.r1_gamma, obj.r1_interval) * r1
+      aux["d/r1"] = r1
+    aux["d/loss"] = loss
+    return loss, aux
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
+  updates, d_opt = obj.d_tx.update(grads, state.d_opt, state.d_params)
+  d_params = optax.apply_updates(state.d_params, updates)
+  metrics["d/grad_norm"] = optax.global_norm(grads)
+  metrics["d/lr"] = jnp.asarray(obj.d_lr(state.step), jnp.float32)
+  return state.replace(d_params=d_params, d_opt=d_opt), metrics
+
+
+def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
+                   key: jax.Array) -> tuple[TrainState, dict]:
+  """One G update (and the EMA) against the current D -> (state, metrics)."""
+  cond = obj.cond(consts, batch)
+  z, x = batch["z"], batch["x"].astype(jnp.float32)
+  k_reg, k_diff = jax.random.split(key)
+
+  def loss_fn(g_params):
+    x_hat = obj.generator.apply(g_params, z, cond)
+    loss, aux = 0.0, {}
+    if obj.regression_weight:
+      reg = obj.regression(consts.get("loss"), x_hat, x, k_reg)
+      loss, aux["g/regression"] = loss + obj.regression_weight * reg, reg
+    if obj.gan_weight:
+      (x_in,), t_B = obj.d_inputs(k_diff, x_hat)
+      gan = adv.g_loss(obj.apply_d(state.d_params, x_in, z, cond, t_B))
+      loss, aux["g/gan"] = loss + obj.gan_weight * gan, gan
+    aux["g/loss"] = loss
+    aux["g/mse"] = jnp.mean(jnp.square(x_hat - x))
+    return loss, aux
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
+  updates, g_opt = obj.g_tx.update(grads, state.g_opt, state.g_params)
+  g_params = optax.apply_updates(state.g_params, updates)
+  g_ema = ema_update(state.g_ema, g_params, obj.ema_decay)
+  metrics["g/grad_norm"] = optax.global_norm(grads)
+  metrics["g/lr"] = jnp.asarray(obj.g_lr(state.step), jnp.float32)
+  return state.replace(g_params=g_params, g_ema=g_ema, g_opt=g_opt), metrics
+
+
+def train_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
+               do_r1: bool = False) -> tuple[TrainState, dict]:
+  """The discriminator update, then the generator update; step + 1.
+
+  Step i's randomness is `fold_in(state.rng, i)`, split between the two updates.
+  D is skipped when gan_weight is 0 (pure regression).
+  """
+  k_d, k_g = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  metrics = {}
+  if obj.gan_weight:
+    state, metrics = discriminator_step(obj, state, consts, batch, k_d, do_r1)
+  state, g_metrics = generator_step(obj, state, consts, batch, k_g)
+  return state.replace(step=state.step + 1), {**metrics, **g_metrics}
