@@ -346,7 +346,7 @@ def generate_pairs(out_dir: str, prompts: Sequence[str], generate_fn: GenerateFn
     num_steps = int(np.max(multihost_utils.process_allgather(np.int64(num_steps))))
   total = sum(hi - lo for lo, hi in (shard_range(s, shard_size, n) for s in mine))
   left = sum(c.stop - c.start for c in chunks)
-  logger.info("pairs: %d prompts in %d shards of %d; this host owns %d shards (%d to do); "
+  logger.info("%d prompts in %d shards of %d; this host owns %d shards (%d to do); "
               "%d steps of global batch %d", n, num_shards, shard_size, len(mine), len(todo),
               num_steps, batch_size)
 
