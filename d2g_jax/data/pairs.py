@@ -28,11 +28,12 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
-from d2g_jax import parallel
+from d2g_jax import log, parallel
 from d2g_jax.data import shards as fmt
+
+logger = log.get_logger(__name__)
 
 # generate_fn(params, z_BxHxWxC, cond) -> {"x": x_BxHxWxC, ...}: traceable, every output
 # batched on axis 0; jitted once by the stage with the batch split over the mesh.
@@ -311,8 +312,8 @@ def generate_pairs(out_dir: str, prompts: Sequence[str], generate_fn: GenerateFn
   b = parallel.local_batch_size(batch_size, mesh)
   num_shards = -(-n // shard_size)
   if shard_size % b and num_shards > 1:
-    logging.warning("shard_size %d is not a multiple of the per-host batch %d: the last batch "
-                    "of every shard is padded.", shard_size, b)
+    logger.warning("shard_size %d is not a multiple of the per-host batch %d: the last batch "
+                   "of every shard is padded.", shard_size, b)
 
   # One jit for the whole step; z is drawn on the devices from the pair indices.
   sharding = parallel.batch_sharding(mesh)
@@ -345,9 +346,9 @@ def generate_pairs(out_dir: str, prompts: Sequence[str], generate_fn: GenerateFn
     num_steps = int(np.max(multihost_utils.process_allgather(np.int64(num_steps))))
   total = sum(hi - lo for lo, hi in (shard_range(s, shard_size, n) for s in mine))
   left = sum(c.stop - c.start for c in chunks)
-  logging.info("pairs: %d prompts in %d shards of %d; this host owns %d shards (%d to do); "
-               "%d steps of global batch %d", n, num_shards, shard_size, len(mine), len(todo),
-               num_steps, batch_size)
+  logger.info("%d prompts in %d shards of %d; this host owns %d shards (%d to do); "
+              "%d steps of global batch %d", n, num_shards, shard_size, len(mine), len(todo),
+              num_steps, batch_size)
 
   from tqdm import tqdm
   bar = tqdm(total=total, initial=total - left, unit="pair", smoothing=0.1,
