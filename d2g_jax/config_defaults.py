@@ -1,7 +1,12 @@
 """Every option and its default, in one place; configs/*.py start from `base()`.
 
 Paths left empty are derived from `workdir` by `run.resolve()`:
-teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs.
+teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs,
+train.pairs '' -> pairs.out_dir, export.out_dir '' -> <workdir>/export,
+export.orbax_dir '' -> <workdir>/export_orbax.
+
+Where a default is not the paper's (it publishes neither), README.md's "The objective"
+section says where it comes from.
 """
 
 import ml_collections
@@ -37,4 +42,79 @@ def base() -> ml_collections.ConfigDict:
   c.pairs.shard_size = 1024        # pairs per ArrayRecord shard
   c.pairs.store_embeddings = True  # store text embeddings beside the token ids
   c.pairs.negative_prompt = ""     # the unconditional prompt of CFG
+
+  # The device mesh of training: one of the two sizes may be -1 (all remaining devices).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # data parallelism (replicas)
+  c.mesh.fsdp = 1                  # parameters, EMA and optimiser states split over this axis
+  c.sharding = ml_collections.ConfigDict()
+  # (regex over '/'-joined state paths, strategy), first match wins: fsdp | replicate.
+  c.sharding.rules = ((".*", "fsdp"),)
+  c.sharding.min_size = 2 ** 14    # smaller leaves are replicated
+
+  c.generator = ml_collections.ConfigDict()
+  c.generator.timestep = 999       # the UNet's timestep in G(z, c) (the last training timestep)
+  c.generator.parameterization = "auto"  # auto (the teacher's eps / v) | epsilon | v_prediction | sample (x0)
+
+  c.discriminator = ml_collections.ConfigDict()
+  c.discriminator.z_cond = True             # zero-init conv on z added to D's input
+  c.discriminator.multiscale_input = True   # x resized into every down block (zero-init convs)
+  c.discriminator.multiscale_output = True  # 3 readouts per decoder scale (else 1 at the end)
+  c.discriminator.timestep = 0     # D's UNet timestep: its inputs are clean latents (t = 0)
+  c.discriminator.diffuse = False  # noise D's inputs to t ~ U{diffuse_t_min..diffuse_t_max}
+  c.discriminator.diffuse_t_min = 0
+  c.discriminator.diffuse_t_max = 999
+
+  # The regression loss (d2g_jax.losses.perceptual).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "e_latent_lpips"   # mse | pseudo_huber | lpips | latent_lpips | e_latent_lpips
+  c.loss.encoder = "sd15"          # E-LatentLPIPS trunk: sd15 | sd21 | sdxl | sd3 | flux
+  c.loss.weights = ""              # E-LatentLPIPS .pth / folder / .safetensors; "" = random (warns)
+  c.loss.augment = "bg"            # augmentation groups of the ensemble: b, g, c, o, bg, bgc, bgco
+  c.loss.augment_p = 1.0           # probability multiplier of each augmentation
+  c.loss.l1 = True                 # add mean |a - b| as the official package does
+  c.loss.huber_c = 0.0             # pseudo_huber c; 0 = 0.00054 * sqrt(H*W*C)
+  c.loss.raw_latents = False       # True if the latents are unscaled VAE-encoder outputs
+  c.loss.lpips_vgg = ""            # pixel lpips: torchvision vgg16 state dict; "" = random (warns)
+  c.loss.lpips_heads = "default"   # pixel lpips heads; "default" = the lpips package's, "" = none
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.regression_weight = 1.0  # weight of the regression loss in G's objective
+  c.objective.gan_weight = 0.1     # weight of the non-saturating GAN loss in G's objective
+  c.objective.r1_gamma = 1.0       # R1 weight gamma (the penalty is interval * gamma / 2 * |grad|^2)
+  c.objective.r1_interval = 16     # lazy R1: every N steps (StyleGAN2)
+  c.objective.r1_samples = 1       # R1 on this many samples of the batch (the paper: 1)
+  c.objective.mix_fraction = 0.25  # fake rows whose latent is swapped for another row's
+
+  c.train = ml_collections.ConfigDict()
+  c.train.pairs = ""               # pair dataset folder ('' = pairs.out_dir)
+  c.train.num_steps = 20000
+  c.train.batch_size = 64          # global; a multiple of the devices along (data, fsdp)
+  c.train.g_lr = 1e-5
+  c.train.d_lr = 1e-5
+  c.train.adam_b1 = 0.0            # GAN practice (StyleGAN2, GigaGAN): no first-moment momentum
+  c.train.adam_b2 = 0.99
+  c.train.adam_eps = 1e-8
+  c.train.weight_decay = 0.0       # > 0: AdamW
+  c.train.warmup_steps = 500       # linear learning-rate warm-up from 0
+  c.train.grad_clip = 1.0          # global-norm clipping (0 = off)
+  c.train.g_frozen = ""            # regex of generator params kept frozen ('' = none)
+  c.train.d_frozen = ""            # regex of discriminator params kept frozen
+  c.train.ema_decay = 0.999        # EMA of the generator (what is exported)
+  c.train.dtype = "float32"        # compute dtype of G and D: float32 | bfloat16 (params fp32)
+  c.train.attention = "auto"       # auto | xla | cudnn | chunked
+  c.train.remat = False            # rematerialise every UNet block in the backward pass
+  c.train.checkpoint_every = 1000
+  c.train.max_to_keep = 3
+  c.train.log_every = 50
+  c.train.sample_every = 1000      # PNG grid of teacher target vs generator (0 = never)
+  c.train.num_samples = 8          # validation pairs in the grid (the dataset's first ones)
+  c.train.verify = "size"          # pair shard check when opening: none | size | sha256
+  c.train.lock_stale_after_s = 300  # another host's lock without a heartbeat for this long is stale
+
+  c.export = ml_collections.ConfigDict()
+  c.export.out_dir = ""            # diffusers pipeline folder ('' = <workdir>/export)
+  c.export.orbax_dir = ""          # Orbax copy of the exported UNet params ('' = <workdir>/export_orbax)
+  c.export.weights = "ema"         # ema | generator
+  c.export.dtype = "float32"       # weights of the exported UNet: float32 | float16 | bfloat16
   return c

@@ -85,3 +85,74 @@ def global_to_host(batch: Any, mesh: Mesh) -> Any:
     return jax.device_get(batch)
   local = multihost_utils.global_array_to_host_local_array(batch, mesh, P(batch_axes(mesh)))
   return jax.device_get(local)
+
+
+# ------------------------------------------------------------------ parameter sharding
+# Sharding as config data (big_vision's `sharding.py`): a list of (regex, strategy) rules
+# over '/'-joined pytree paths, first match wins, every leaf must be covered.
+#   "fsdp"       split the largest dimension divisible by the `fsdp` axis size over it
+#                (leaves smaller than `min_size` elements, or with no divisible dimension,
+#                are replicated)
+#   "replicate"  a full copy on every device
+STRATEGIES = ("fsdp", "replicate")
+DEFAULT_RULES = ((".*", "fsdp"),)
+
+
+def path_str(path) -> str:
+  """'/'-joined names of a `tree_flatten_with_path` key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int, axis: str = "fsdp") -> P:
+  """PartitionSpec splitting the largest dimension divisible by `axis_size` over `axis`."""
+  if axis_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  dims = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+  for d in dims:
+    if shape[d] % axis_size == 0:
+      return P(*([None] * d + [axis]))
+  return P()
+
+
+def infer_sharding(tree: Any, mesh: Mesh, rules: Sequence[Sequence[str]] = DEFAULT_RULES, *,
+                   min_size: int = 2 ** 14, prefix: str = "") -> Any:
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by `rules`.
+
+  Paths are '/'-joined names (e.g. "g_params/down_blocks_0/resnets_0/conv1/kernel",
+  "g_opt/0/mu/..."), prefixed by `prefix`. Raises if a leaf matches no rule.
+  """
+  import re
+  compiled = []
+  for rule in rules:
+    if len(rule) != 2 or rule[1] not in STRATEGIES:
+      raise ValueError(f"sharding rule {tuple(rule)!r}: expected (regex, strategy) with "
+                       f"strategy one of {STRATEGIES}")
+    compiled.append((re.compile(rule[0]), rule[1]))
+  fsdp = mesh.shape.get("fsdp", 1)
+
+  def one(path, leaf):
+    name = prefix + path_str(path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    for pattern, strategy in compiled:
+      if pattern.search(name):
+        spec = fsdp_spec(shape, fsdp, min_size) if strategy == "fsdp" else P()
+        return NamedSharding(mesh, spec)
+    raise ValueError(f"no sharding rule covers {name!r} (shape {shape}); rules: "
+                     f"{[r[0] for r in rules]}. Add a rule, e.g. ('.*', 'replicate') last")
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host (numpy) arrays into their shards: each device receives only its slice."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)

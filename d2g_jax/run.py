@@ -6,6 +6,12 @@ Stages (config.stages, comma-separated, run in the order given):
   roundtrip     teacher UNet: diffusers -> Flax -> Orbax -> diffusers, checked bit-exact,
                 and Flax vs diffusers outputs compared on random inputs (needs the torch extra)
   pairs         the teacher's DDIM+CFG solutions as (z, c, x) ArrayRecord shards
+  train         Diffusion2GAN distillation: G (one UNet step) vs the multi-scale
+                conditional D, E-LatentLPIPS regression; resumable Orbax checkpoints
+  export        the trained generator (EMA) as a diffusers pipeline folder + Orbax copy
+
+The whole run holds a lock on the workdir (and the pairs stage on its output folder):
+a second run on the same folder refuses at once, naming the first.
 """
 
 from __future__ import annotations
@@ -47,7 +53,28 @@ def roundtrip(config):
 @stage("pairs")
 def pairs(config):
   from d2g_jax.data import teacher_pairs
-  return teacher_pairs.run_pairs(config)
+  with _lock(config, config.pairs.out_dir):
+    return teacher_pairs.run_pairs(config)
+
+
+@stage("train")
+def train(config):
+  from d2g_jax.train import loop
+  return loop.run_train(config)
+
+
+@stage("export")
+def export(config):
+  from d2g_jax.train import export as export_lib
+  return export_lib.run_export(config)
+
+
+def _lock(config, folder: str):
+  import jax
+  from d2g_jax.lock import FolderLock
+  os.makedirs(folder, exist_ok=True)
+  return FolderLock(folder, process_index=jax.process_index(),
+                    stale_after_s=config.train.lock_stale_after_s)
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -67,6 +94,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.teacher.path = os.path.join(config.workdir, "teacher")
   if not config.pairs.out_dir:
     config.pairs.out_dir = os.path.join(config.workdir, "pairs")
+  if not config.train.pairs:
+    config.train.pairs = config.pairs.out_dir
+  if not config.export.out_dir:
+    config.export.out_dir = os.path.join(config.workdir, "export")
+  if not config.export.orbax_dir:
+    config.export.orbax_dir = os.path.join(config.workdir, "export_orbax")
+  config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 
 
@@ -82,7 +116,8 @@ def run(config: ml_collections.ConfigDict):
           f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
   os.makedirs(config.workdir, exist_ok=True)
   results = {}
-  for name in names:
-    print(f"=== stage {name} ===", flush=True)
-    results[name] = STAGES[name](config)
+  with _lock(config, config.workdir):
+    for name in names:
+      print(f"=== stage {name} ===", flush=True)
+      results[name] = STAGES[name](config)
   return results

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from d2g_jax import config_defaults
 from d2g_jax.losses import perceptual
 from d2g_jax.models.latent_vgg import LPIPS, LPIPSConfig, init_params
 
@@ -80,7 +81,7 @@ def test_pixel_lpips_loss_decodes_both_latents():
 
 
 def test_config_and_errors():
-  cfg = perceptual.default_config()
+  cfg = config_defaults.base().loss
   assert cfg.name in perceptual.NAMES
   cfg.name = "pseudo_huber"
   fn, params = perceptual.loss_from_config(cfg)

@@ -130,25 +130,9 @@ def build_loss(name: str, *, encoder: str = "sd15", weights: str | None = None,
   raise ValueError(f"unknown loss {name!r}; expected one of {NAMES}")
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.loss` block: which regression loss and where its weights are."""
-  return ml_collections.ConfigDict(dict(
-      name="e_latent_lpips",  # one of NAMES
-      encoder="sd15",         # sd15 | sd21 | sdxl | sd3 | flux
-      weights="",             # E-LatentLPIPS .pth / folder / .safetensors; "" = random (warns)
-      augment="bg",           # augmentation groups of the ensemble: b, g, c, o, bg, bgc, bgco
-      augment_p=1.0,          # probability multiplier of each augmentation
-      l1=True,                # add mean |a - b| as the official package does
-      huber_c=0.0,            # pseudo_huber c; 0 = 0.00054 * sqrt(H*W*C)
-      raw_latents=False,      # True if the latents are unscaled VAE-encoder outputs
-      lpips_vgg="",           # pixel lpips: torchvision vgg16 state dict; "" = random (warns)
-      lpips_heads="default",  # pixel lpips heads; "default" = the lpips package's, "" = none
-  ))
-
-
 def loss_from_config(cfg: ml_collections.ConfigDict, decode: Decode | None = None,
                      decoder_params: Any = None, dtype=jnp.float32) -> tuple[LossFn, Any]:
-  """`build_loss` driven by a `default_config()`-shaped block."""
+  """`build_loss` driven by a `config.loss` block (see `config_defaults.base()`)."""
   return build_loss(cfg.name, encoder=cfg.encoder, weights=cfg.weights or None,
                     augment=cfg.augment, augment_p=cfg.augment_p, l1=cfg.l1,
                     c=cfg.huber_c or None, raw_latents=cfg.raw_latents, decode=decode,

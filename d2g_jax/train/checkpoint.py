@@ -133,6 +133,22 @@ class Checkpointer:
     logger.info("restored checkpoint %d from %s", step, self.directory)
     return restored["state"]
 
+  def restore_partial(self, step: int, abstract_subtree: Any) -> Any:
+    """Only the leaves of `abstract_subtree` (a sub-pytree of the saved state, e.g.
+    {"g_ema": ...}), placed per its shardings; the rest is never read (export reads the
+    generator's EMA without the discriminator and optimiser states)."""
+    _check_abstract(abstract_subtree)
+    folder = self._step_dir(int(step)) / "state"
+    args = ocp.args.PyTreeRestore(
+        abstract_subtree, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract_subtree), partial_restore=True)
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(folder, args=args)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"checkpoint {folder} has no {sorted(abstract_subtree)} of the expected "
+                       f"shapes: {e}") from e
+
   def config(self, step: int) -> dict | None:
     """The config dict saved with `step`, or None if none was saved."""
     if not (self._step_dir(step) / "config").is_dir():

@@ -1,0 +1,137 @@
+"""From a config and a loaded teacher to what a training run needs: the objective (models,
+loss, optimisers), its constants, and the train state created directly in its shards.
+
+    obj, consts = build_objective(config, teacher)
+    abstract, shardings = state_shardings(obj, teacher_abstract, mesh, config.sharding)
+    state = create_state(obj, teacher.unet_params, shardings, key)   # never whole on one device
+
+The state is made by one jitted init whose `out_shardings` are the rules' (big_vision /
+nanodo style): `jax.eval_shape` gives the abstract state, the rules give its shardings,
+the teacher's host weights are placed straight into the generator's shards, and the
+discriminator's new layers are initialised on device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from d2g_jax import parallel
+from d2g_jax.losses import perceptual
+from d2g_jax.models import discriminator as disc
+from d2g_jax.models.generator import Generator, text_encoder_fn
+from d2g_jax.models.unet import UNet
+from d2g_jax.train import optim
+from d2g_jax.train import state as state_lib
+from d2g_jax.train.steps import Objective
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype(name: str, what: str):
+  if name not in DTYPES:
+    raise ValueError(f"{what}={name!r}; expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def _decoder(teacher):
+  """(decode(params, latents) -> RGB, decoder params) for pixel LPIPS through the teacher's VAE."""
+  from d2g_jax.models.vae import AutoencoderKL
+  if teacher.vae is None:
+    raise ValueError("loss.name='lpips' decodes latents with the teacher's VAE; load it")
+  vae, cfg = teacher.vae, teacher.vae.config
+  decode = lambda p, lat: vae.apply({"params": p}, cfg.unscale_latents(lat),
+                                    method=AutoencoderKL.decode)
+  return decode, teacher.vae_params
+
+
+def build_objective(config, teacher, *, time_ids: np.ndarray | None = None,
+                    recompute_text: bool = False) -> tuple[Objective, dict]:
+  """(Objective, consts) from `config` (generator, discriminator, loss, objective, train
+  blocks) and a loaded teacher (its configs and schedule; its VAE for pixel LPIPS, its
+  text encoders when `recompute_text`)."""
+  t, o, d = config.train, config.objective, config.discriminator
+  kw = dict(dtype=dtype(t.dtype, "train.dtype"), param_dtype=jnp.float32,
+            attention=t.attention, remat=t.remat)
+  unet_config = teacher.info.unet
+  gen = Generator(UNet(unet_config, **kw), teacher.schedule, config.generator.timestep,
+                  config.generator.parameterization)
+  d_module = disc.Discriminator(unet_config, disc.DiscriminatorOptions(
+      z_cond=d.z_cond, multiscale_input=d.multiscale_input,
+      multiscale_output=d.multiscale_output), **kw)
+  decode = decoder_params = None
+  if config.loss.name == "lpips":
+    decode, decoder_params = _decoder(teacher)
+  loss_fn, loss_params = perceptual.loss_from_config(config.loss, decode=decode,
+                                                     decoder_params=decoder_params)
+  opt = dict(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, warmup_steps=t.warmup_steps,
+             grad_clip=t.grad_clip, weight_decay=t.weight_decay)
+  g_tx, g_lr = optim.make_optimizer(t.g_lr, frozen=t.g_frozen, **opt)
+  d_tx, d_lr = optim.make_optimizer(t.d_lr, frozen=t.d_frozen, **opt)
+  encode_tokens, text_params = (text_encoder_fn(teacher) if recompute_text else (None, None))
+  n = teacher.schedule.num_train_timesteps
+  for name in ("timestep", "diffuse_t_min", "diffuse_t_max"):
+    if not 0 <= d[name] < n:
+      raise ValueError(f"discriminator.{name}={d[name]} must be in [0, {n - 1}]")
+  if d.diffuse_t_min > d.diffuse_t_max:
+    raise ValueError(f"discriminator.diffuse_t_min={d.diffuse_t_min} > diffuse_t_max="
+                     f"{d.diffuse_t_max}")
+  if o.r1_interval < 1 or o.r1_samples < 1:
+    raise ValueError(f"objective.r1_interval={o.r1_interval} and r1_samples={o.r1_samples} "
+                     "must be >= 1 (set r1_gamma=0 to turn R1 off)")
+  obj = Objective(
+      generator=gen, discriminator=d_module, regression=loss_fn, g_tx=g_tx, d_tx=d_tx,
+      g_lr=g_lr, d_lr=d_lr, regression_weight=o.regression_weight, gan_weight=o.gan_weight,
+      r1_gamma=o.r1_gamma, r1_interval=o.r1_interval, r1_samples=o.r1_samples,
+      mix_fraction=o.mix_fraction, ema_decay=t.ema_decay, d_timestep=d.timestep,
+      diffuse=d.diffuse, diffuse_t_min=d.diffuse_t_min, diffuse_t_max=d.diffuse_t_max,
+      sdxl=teacher.family == "sdxl",
+      time_ids=None if time_ids is None else tuple(float(v) for v in np.ravel(time_ids)),
+      encode_tokens=encode_tokens)
+  return obj, {"loss": loss_params, "text": text_params}
+
+
+def init_fn(obj: Objective):
+  """init(key, teacher_unet_params) -> TrainState: G and its EMA from the teacher, D's trunk
+  from the teacher and its new layers initialised from `key`."""
+  args = disc.example_inputs(obj.discriminator.unet_config)
+
+  def init(key, teacher_params):
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), args)
+    d_params = obj.discriminator.init(jax.random.fold_in(key, 1), *zeros)["params"]
+    d_params = disc.with_teacher_trunk(d_params, teacher_params)
+    return state_lib.create(teacher_params, d_params, obj.g_tx, obj.d_tx, key)
+  return init
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def state_shardings(obj: Objective, teacher_abstract: Any, mesh: Mesh, sharding_cfg
+                    ) -> tuple[Any, Any]:
+  """(abstract state with shardings, shardings) from the rules: nothing allocated."""
+  abstract = jax.eval_shape(init_fn(obj), jax.random.key(0), teacher_abstract)
+  shardings = parallel.infer_sharding(abstract, mesh, sharding_cfg.rules,
+                                      min_size=sharding_cfg.min_size)
+  return with_shardings(abstract, shardings), shardings
+
+
+def create_state(obj: Objective, teacher_params_host: Any, shardings: Any, key: jax.Array):
+  """The initial state, created in its shards by one jit (teacher weights placed per shard)."""
+  teacher = parallel.place(teacher_params_host, shardings.g_params)
+  repl = parallel.replicated(jax.tree.leaves(shardings)[0].mesh)
+  init = jax.jit(init_fn(obj), in_shardings=(repl, shardings.g_params), out_shardings=shardings,
+                 donate_argnums=1)
+  return init(key, teacher)
+
+
+def consts_shardings(consts: Any, mesh: Mesh, sharding_cfg) -> Any:
+  """The constants (loss network, text encoders) sharded by the same rules."""
+  return parallel.infer_sharding(consts, mesh, sharding_cfg.rules, min_size=sharding_cfg.min_size,
+                                 prefix="consts/")

@@ -1,0 +1,280 @@
+"""The `train` stage: pairs in, a distilled one-step generator out, resumable at any moment.
+
+    python -m d2g_jax.main --config configs/sd15.py --config.stages=train
+
+Resume order (written down, as big_vision does):
+  1. the run's config is checked against <workdir>/run_config.json (a different config
+     fails before any work, listing what differs);
+  2. mesh, teacher configs, objective and the abstract sharded state are built;
+  3. if <workdir>/checkpoints has a complete step, state and data iterator are restored
+     from it (the teacher's UNet weights are not even read); otherwise the state is
+     created in its shards from the teacher's weights, at step 0;
+  4. the loop runs from that step to `train.num_steps`: step i draws its randomness from
+     fold_in(rng, i) and its batch from the restored iterator, so a resumed run repeats
+     an uninterrupted one exactly (same machine, same mesh).
+
+Checkpoints are saved every `train.checkpoint_every` steps and at the last step, only
+after that step's metrics were checked finite, so a NaN never reaches a checkpoint.
+SIGTERM (pre-emption, SLURM's requeue) saves the current step and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from d2g_jax import parallel
+from d2g_jax.data import shards as fmt
+from d2g_jax.data import source
+from d2g_jax.log import get_logger
+from d2g_jax.models.unet import init_shapes
+from d2g_jax.teacher import load_teacher
+from d2g_jax.train import build, run_config, samples
+from d2g_jax.train import metrics as metrics_lib
+from d2g_jax.train.checkpoint import Checkpointer
+from d2g_jax.train.steps import train_step
+
+log = get_logger("d2g_jax.train")
+
+# Keys that may change between runs of the same workdir: bookkeeping, not the result.
+MUTABLE = ("stages", "distributed", "train.num_steps", "train.log_every", "train.sample_every",
+           "train.checkpoint_every", "train.max_to_keep", "train.verify",
+           "train.lock_stale_after_s", "export", "pairs.batch_size")
+METRICS_FILE = "metrics.jsonl"
+
+
+def checkpoint_dir(config) -> str:
+  return os.path.join(config.workdir, "checkpoints")
+
+
+def device_keys(record: dict, recompute_text: bool) -> list[str]:
+  """The record fields the step reads (strings and indices stay on the host)."""
+  keys = ["z", "x"] + [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k in record]
+  if recompute_text:
+    keys += sorted(k for k in record if k.startswith(("input_ids", "attention_mask")))
+  return keys
+
+
+class _Stop:
+  """Set by SIGTERM: the loop saves the current step and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      self.requested = True
+      log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+class MetricsLog:
+  """<workdir>/metrics.jsonl on process 0: one line per logged step; on resume, lines
+  after the restored step are dropped (they are about to be recomputed)."""
+
+  def __init__(self, workdir: str, start_step: int):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = jax.process_index() == 0
+    if self.enabled and os.path.exists(self.path):
+      with open(self.path) as fh:
+        keep = [l for l in fh if l.strip() and json.loads(l)["step"] <= start_step]
+      with open(self.path, "w") as fh:
+        fh.writelines(keep)
+
+  def write(self, step: int, values: dict[str, float]):
+    if self.enabled:
+      with open(self.path, "a") as fh:
+        fh.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, METRICS_FILE)) as fh:
+    return [json.loads(l) for l in fh if l.strip()]
+
+
+def _pairs_info(config, pairs_dir: str) -> tuple[dict, dict]:
+  manifest = fmt.read_manifest(pairs_dir)
+  if manifest["status"] != "complete":
+    raise ValueError(f"{pairs_dir}: the pair dataset is not complete; run the pairs stage "
+                     "(same command with --config.stages=pairs) to finish it first")
+  meta = manifest["config"].get("meta", {})
+  fingerprint = meta.get("teacher", {}).get("fingerprint")
+  if fingerprint is not None:
+    from d2g_jax.data.teacher_pairs import teacher_fingerprint
+    if fingerprint != teacher_fingerprint(config.teacher.path):
+      raise ValueError(f"{pairs_dir} was made by the teacher at "
+                       f"{meta['teacher'].get('path')!r}, which differs from "
+                       f"config.teacher.path={config.teacher.path!r} (fingerprints differ): "
+                       "the student would start from another model than its targets' teacher")
+  return manifest, meta
+
+
+def run_train(config) -> dict[str, Any]:
+  """The train stage. Returns {"step", "checkpoint_dir", "metrics"} (last logged values)."""
+  t = config.train
+  pairs_dir = t.pairs
+  run_config.ensure(config.workdir, config.to_dict(), ignore=MUTABLE,
+                    process_index=jax.process_index())
+  manifest, meta = _pairs_info(config, pairs_dir)
+  ckpt = Checkpointer(checkpoint_dir(config), max_to_keep=t.max_to_keep)
+  start = ckpt.latest_step() or 0
+  if start >= t.num_steps:
+    log.info("already done: checkpoint %d >= train.num_steps=%d in %s", start,
+             t.num_steps, ckpt.directory)
+    ckpt.close()
+    return {"step": start, "checkpoint_dir": str(ckpt.directory), "metrics": {}}
+
+  record = manifest["record"]
+  recompute_text = "prompt_embeds" not in record
+  fresh = start == 0
+  components = ("vae",) + (("unet",) if fresh else ()) + (("text",) if recompute_text else ())
+  teacher = load_teacher(config.teacher.path, components=components,
+                         attention=t.attention)
+  h, w, _ = manifest["config"]["latent_shape"]
+  f = teacher.info.vae.downscale
+  height, width = meta.get("resolution", [h * f, w * f])
+  time_ids = teacher.time_ids(1, height, width) if teacher.family == "sdxl" else None
+  obj, consts = build.build_objective(config, teacher, time_ids=time_ids,
+                                      recompute_text=recompute_text)
+
+  mesh = parallel.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp})
+  local_batch = parallel.local_batch_size(t.batch_size, mesh)
+  teacher_abstract = init_shapes(teacher.info.unet)
+  abstract, state_sh = build.state_shardings(obj, teacher_abstract, mesh, config.sharding)
+  consts_sh = build.consts_shardings(consts, mesh, config.sharding)
+  consts = parallel.place(consts, consts_sh) if jax.tree.leaves(consts) else consts
+
+  ds = source.pair_dataset(pairs_dir, batch_size=local_batch, seed=config.seed, verify=t.verify)
+  it = iter(ds.to_iter_dataset())
+  if fresh:
+    log.info("new run: G and D from the teacher %s; %d pairs in %s",
+             config.teacher.path, manifest["num_examples"], pairs_dir)
+    state = build.create_state(obj, teacher.unet_params, state_sh,
+                               jax.random.key(config.seed))
+    teacher.unet_params = None  # the generator owns these weights now
+  else:
+    log.info("resuming from checkpoint %d in %s", start, ckpt.directory)
+    state = ckpt.restore(start, abstract, it)
+
+  keys = device_keys(record, recompute_text)
+  batch_sh = {k: parallel.batch_sharding(mesh) for k in keys}
+  repl = parallel.replicated(mesh)
+  step_fns = {r: jax.jit(functools.partial(train_step, obj, do_r1=r),
+                         in_shardings=(state_sh, consts_sh, batch_sh),
+                         out_shardings=(state_sh, repl), donate_argnums=0)
+              for r in (False, True)}
+  sampler = _Sampler(config, teacher, obj, pairs_dir, keys, mesh, state_sh, consts_sh)
+  writer = metrics_lib.MetricWriter(os.path.join(config.workdir, "tensorboard"))
+  mlog = MetricsLog(config.workdir, start)
+  cfg_dict = config.to_dict()
+  last: dict[str, float] = {}
+  pending = None
+  timer = [time.time(), start]
+  bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step",
+             disable=jax.process_index() != 0, dynamic_ncols=True)
+
+  def settle(step: int, device_metrics) -> None:
+    nonlocal last
+    try:
+      values = metrics_lib.to_floats(step, device_metrics)
+    except metrics_lib.NonFiniteError as e:
+      ckpt.wait()
+      raise metrics_lib.NonFiniteError(e.step, e.name, e.value) from None
+    if step % t.log_every == 0 or step == t.num_steps:
+      now = time.time()
+      dt = (now - timer[0]) / max(step - timer[1], 1)
+      timer[:] = [now, step]
+      values.update({"perf/seconds_per_step": dt, "perf/pairs_per_second": t.batch_size / dt})
+      writer.write_scalars(step, values)
+      mlog.write(step, values)
+      bar.set_postfix({k.split("/")[-1]: f"{values[k]:.3g}" for k in
+                       ("g/regression", "g/gan", "d/loss") if k in values})
+    last = values
+
+  step = start
+  try:
+    with _Stop() as stop:
+      for step in range(start, t.num_steps):
+        host = next(it)
+        batch = parallel.host_to_global({k: host[k] for k in keys}, mesh)
+        do_r1 = obj.gan_weight > 0 and obj.r1_gamma > 0 and step % obj.r1_interval == 0
+        state, device_metrics = step_fns[do_r1](state, consts, batch)
+        if pending is not None:  # the previous step's metrics, while this one runs
+          settle(*pending)
+        pending = (step + 1, device_metrics)
+        bar.update(1)
+        done = step + 1
+        if done % t.checkpoint_every == 0 or done == t.num_steps or stop.requested:
+          settle(*pending)
+          pending = None
+          ckpt.save(done, state, it, config=cfg_dict)
+        if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
+          image = sampler(state, consts, done)
+          writer.write_images(done, {"samples/teacher_vs_student": image})
+        if stop.requested:
+          log.warning("stopped by SIGTERM after step %d (checkpoint saved)", done)
+          break
+      if pending is not None:
+        settle(*pending)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  final = int(jax.device_get(state.step))
+  log.info("step %d of %d; checkpoints in %s", final, t.num_steps, ckpt.directory)
+  return {"step": final, "checkpoint_dir": str(ckpt.directory), "metrics": last}
+
+
+class _Sampler:
+  """Every `sample_every` steps: the first `num_samples` pairs' teacher targets beside the
+  EMA generator's outputs, decoded with the teacher's VAE, to <workdir>/samples/."""
+
+  def __init__(self, config, teacher, obj, pairs_dir, keys, mesh, state_sh, consts_sh):
+    self.enabled = bool(config.train.sample_every) and teacher.vae is not None
+    if not self.enabled:
+      return
+    self.folder = os.path.join(config.workdir, "samples")
+    src = source.PairSource(pairs_dir, verify="none")
+    n = min(config.train.num_samples, len(src))
+    records = src.__getitems__(range(n))
+    repl = parallel.replicated(mesh)
+    batch = {k: np.stack([r[k] for r in records]) for k in keys}
+    self.batch = jax.device_put(batch, repl)
+    self.vae_params = jax.device_put(teacher.vae_params, repl)
+    decode = samples.decode_fn(teacher)
+
+    def fn(ema, vae_params, consts, batch):
+      cond = obj.cond(consts, batch)
+      x_hat = obj.generator.apply(ema, batch["z"], cond)
+      return decode(vae_params, batch["x"]), decode(vae_params, x_hat)
+    self.fn = jax.jit(fn, in_shardings=(state_sh.g_ema, repl, consts_sh, repl),
+                      out_shardings=repl)
+
+  def __call__(self, state, consts, step: int):
+    if not self.enabled:
+      return None
+    teacher_px, student_px = self.fn(state.g_ema, self.vae_params, consts, self.batch)
+    path = os.path.join(self.folder, f"step_{step:08d}.png")
+    if jax.process_index() == 0:
+      image = samples.write_grid(path, [teacher_px, student_px])
+      log.info("samples (teacher | student EMA) -> %s", path)
+      return image
+    return None
