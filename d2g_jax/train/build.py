@@ -27,7 +27,7 @@ from d2g_jax.models.generator import Generator, text_encoder_fn
 from d2g_jax.models.unet import UNet
 from d2g_jax.train import optim
 from d2g_jax.train import state as state_lib
-from d2g_jax.train.steps import Objective
+from d2g_jax.train.steps import Objective, train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -135,3 +135,14 @@ def consts_shardings(consts: Any, mesh: Mesh, sharding_cfg) -> Any:
   """The constants (loss network, text encoders) sharded by the same rules."""
   return parallel.infer_sharding(consts, mesh, sharding_cfg.rules, min_size=sharding_cfg.min_size,
                                  prefix="consts/")
+
+
+def jit_train_step(obj: Objective, state_sh: Any, consts_sh: Any, batch_sh: Any, *,
+                   do_r1: bool):
+  """`train_step` with R1 on or off, jitted once with explicit shardings and the state
+  donated: step(state, consts, batch) -> (state, metrics)."""
+  import functools
+  repl = parallel.replicated(jax.tree.leaves(state_sh)[0].mesh)
+  return jax.jit(functools.partial(train_step, obj, do_r1=do_r1),
+                 in_shardings=(state_sh, consts_sh, batch_sh), out_shardings=(state_sh, repl),
+                 donate_argnums=0)

@@ -20,7 +20,6 @@ SIGTERM (pre-emption, SLURM's requeue) saves the current step and stops cleanly.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -40,7 +39,6 @@ from d2g_jax.teacher import load_teacher
 from d2g_jax.train import build, run_config, samples
 from d2g_jax.train import metrics as metrics_lib
 from d2g_jax.train.checkpoint import Checkpointer
-from d2g_jax.train.steps import train_step
 
 log = get_logger("d2g_jax.train")
 
@@ -175,10 +173,7 @@ def run_train(config) -> dict[str, Any]:
 
   keys = device_keys(record, recompute_text)
   batch_sh = {k: parallel.batch_sharding(mesh) for k in keys}
-  repl = parallel.replicated(mesh)
-  step_fns = {r: jax.jit(functools.partial(train_step, obj, do_r1=r),
-                         in_shardings=(state_sh, consts_sh, batch_sh),
-                         out_shardings=(state_sh, repl), donate_argnums=0)
+  step_fns = {r: build.jit_train_step(obj, state_sh, consts_sh, batch_sh, do_r1=r)
               for r in (False, True)}
   sampler = _Sampler(config, teacher, obj, pairs_dir, keys, mesh, state_sh, consts_sh)
   writer = metrics_lib.MetricWriter(os.path.join(config.workdir, "tensorboard"))

@@ -135,7 +135,7 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
   updates, d_opt = obj.d_tx.update(grads, state.d_opt, state.d_params)
   d_params = optax.apply_updates(state.d_params, updates)
-  metrics["d/grad_norm"] = optax.global_norm(grads)
+  metrics["d/grad_norm"] = optax.tree.norm(grads)
   metrics["d/lr"] = jnp.asarray(obj.d_lr(state.step), jnp.float32)
   return state.replace(d_params=d_params, d_opt=d_opt), metrics
 
@@ -165,7 +165,7 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
   updates, g_opt = obj.g_tx.update(grads, state.g_opt, state.g_params)
   g_params = optax.apply_updates(state.g_params, updates)
   g_ema = ema_update(state.g_ema, g_params, obj.ema_decay)
-  metrics["g/grad_norm"] = optax.global_norm(grads)
+  metrics["g/grad_norm"] = optax.tree.norm(grads)
   metrics["g/lr"] = jnp.asarray(obj.g_lr(state.step), jnp.float32)
   return state.replace(g_params=g_params, g_ema=g_ema, g_opt=g_opt), metrics
 

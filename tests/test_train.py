@@ -1,0 +1,203 @@
+"""The train and export stages on a tiny SD 1 teacher: a full run with export loaded by
+diffusers, reruns as no-ops, a changed config refused, exact resume after SIGKILL, and
+the same steps on 1 device and on 8 fake devices (meshes 2x4 and 8x1)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+
+import tiny_train_config
+from d2g_jax import parallel, run
+from d2g_jax.convert import orbax_io
+from d2g_jax.data import source
+from d2g_jax.models.generator import Generator
+from d2g_jax.models.unet import init_shapes
+from d2g_jax.teacher import load_teacher
+from d2g_jax.train import build, loop, run_config
+from torch_utils import assert_close_to_scale, nchw, nhwc, randn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = ["a cat", "the cat", "of the cat", "a photo", "the photo of a cat", "cat cat", "",
+           "a photo of the cat"]
+
+
+def config_for(root, workdir, **overrides):
+  config = tiny_train_config.get_config()
+  config.workdir = str(workdir)
+  config.teacher.path = str(root / "teacher")
+  config.train.pairs = str(root / "pairs")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  """A tiny SD 1 teacher and 16 pairs (4-step DDIM, CFG 3), made by the stages themselves."""
+  root = tmp_path_factory.mktemp("train")
+  (root / "prompts.txt").write_text("\n".join(PROMPTS * 2) + "\n")
+  config = config_for(root, root, stages="tiny_teacher,pairs")
+  config.pairs.prompts = str(root / "prompts.txt")
+  config.pairs.num_steps = 4
+  config.pairs.batch_size = 8
+  config.pairs.shard_size = 8
+  config.pairs.out_dir = str(root / "pairs")
+  run.run(config)
+  return root
+
+
+def test_train_export_rerun(root, tmp_path):
+  work = tmp_path / "run"
+  config = config_for(root, work, stages="train,export", **{"train.sample_every": 8})
+  results = run.run(config)
+  assert results["train"]["step"] == 8
+  assert sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit()) == [4, 6, 8]
+  logged = loop.read_metrics(str(work))
+  assert [m["step"] for m in logged] == list(range(1, 9))
+  r1_steps = [m["step"] for m in logged if "d/r1" in m]
+  assert r1_steps == [1, 5]  # steps 0 and 4 (r1_interval 4), logged as steps done
+  for key in ("g/regression", "g/gan", "d/loss_real", "d/loss_fake", "d/grad_norm",
+              "g/grad_norm", "g/lr", "d/logit_real/readout_0_pre", "perf/seconds_per_step"):
+    assert key in logged[-1], key
+  assert any(f.startswith("events") for f in os.listdir(work / "tensorboard"))
+  assert (work / "samples" / "step_00000008.png").is_file()
+
+  # The export samples in diffusers in one step, equal to our generator with the EMA weights.
+  params, component, _ = orbax_io.load(str(work / "export_orbax"))
+  assert component == "unet"
+  teacher = load_teacher(config.teacher.path, components=("unet", "text"))
+  gen = Generator(teacher.unet, teacher.schedule, 999)
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(work / "export"))
+  pipe.set_progress_bar_config(disable=True)
+  z = randn(0, 2, 16, 16, 4)
+  with torch.no_grad():
+    ref = pipe(PROMPTS[:2], num_inference_steps=1, guidance_scale=1.0, height=128, width=128,
+               latents=torch.from_numpy(nchw(z)), output_type="latent").images
+  cond, _ = teacher.encode_prompt(PROMPTS[:2])
+  ours = jax.jit(gen.apply)(params, jnp.asarray(z), cond)
+  assert_close_to_scale(ours, nhwc(ref), 1e-4)
+  # The EMA is what was exported, and it moved away from the teacher.
+  assert not np.array_equal(params["conv_in"]["kernel"], teacher.unet_params["conv_in"]["kernel"])
+
+  # Rerunning finished stages does nothing; a float16 export loads in diffusers.
+  again = run.run(config)
+  assert again["train"]["step"] == 8 and again["export"] == results["export"]
+  half = config_for(root, work, stages="export", **{"export.dtype": "float16",
+                                                   "export.out_dir": str(tmp_path / "e16"),
+                                                   "export.orbax_dir": str(tmp_path / "o16")})
+  run.run(half)
+  from safetensors import safe_open
+  with safe_open(str(tmp_path / "e16" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+  pipe16 = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "e16"),
+                                                             torch_dtype=torch.float16)
+  assert pipe16.unet.dtype == torch.float16
+  # Another objective into the same workdir is refused before any work, naming the key.
+  other = config_for(root, work, stages="train", **{"objective.gan_weight": 0.5})
+  with pytest.raises(run_config.ConfigMismatchError, match="objective.gan_weight"):
+    run.run(other)
+
+
+def _train_cmd(root, workdir, steps):
+  return [sys.executable, "-m", "d2g_jax.main", f"--config={HERE}/tiny_train_config.py",
+          f"--config.workdir={workdir}", f"--config.teacher.path={root / 'teacher'}",
+          f"--config.train.pairs={root / 'pairs'}", f"--config.train.num_steps={steps}",
+          f"--config.compilation_cache_dir={os.environ['D2G_TEST_XLA_CACHE']}"]
+
+
+def _env():
+  # As the test session runs (8 fake devices, fast compiles, highest precision), so that
+  # the train steps compiled by test_train_export_rerun come from the compilation cache.
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+              JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=os.path.dirname(HERE))
+
+
+def _state(workdir, step):
+  with ocp.PyTreeCheckpointer() as reader:
+    return reader.restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+def test_resume_after_sigkill_is_exact(root, tmp_path):
+  steps = 12
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  t0 = time.time()
+  subprocess.run(_train_cmd(root, full, steps), env=_env(), check=True, capture_output=True)
+  print(f"uninterrupted run: {time.time() - t0:.1f} s")
+  proc = subprocess.Popen(_train_cmd(root, killed, steps), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  first = killed / "checkpoints" / "4"
+  deadline = time.time() + 600
+  while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [int(p) for p in os.listdir(killed / "checkpoints") if p.isdigit()]
+  assert max(done) < steps, "the run finished before it could be killed; nothing was resumed"
+  subprocess.run(_train_cmd(root, killed, steps), env=_env(), check=True, capture_output=True)
+  losses = lambda w: [{k: v for k, v in m.items() if not k.startswith("perf/")}
+                      for m in loop.read_metrics(str(w))]  # all but the wall-clock timings
+  assert losses(killed) == losses(full) and len(losses(full)) == steps
+  a, b = _state(full, steps), _state(killed, steps)
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sharded_steps_match_one_device(root):
+  config = config_for(root, root / "unused", **{"objective.r1_gamma": 0.0})
+  teacher = load_teacher(config.teacher.path, components=("unet",))
+  obj, consts = build.build_objective(config, teacher)
+  src = source.PairSource(config.train.pairs)
+  records = src.__getitems__(range(16))
+  keys = ["z", "x", "prompt_embeds"]
+  batches = [{k: np.stack([r[k] for r in records[i:i + 8]]) for k in keys} for i in (0, 8, 0)]
+  results = {}
+  for name, axes, n in [("1", {"data": 1}, 1), ("2x4", {"data": 2, "fsdp": 4}, 8),
+                        ("8x1", {"data": 8, "fsdp": 1}, 8)]:
+    mesh = parallel.make_mesh(axes, devices=jax.devices()[:n])
+    abstract, state_sh = build.state_shardings(obj, init_shapes(teacher.info.unet), mesh,
+                                               config.sharding)
+    state = build.create_state(obj, teacher.unet_params, state_sh, jax.random.key(0))
+    batch_sh = {k: parallel.batch_sharding(mesh) for k in keys}
+    step = build.jit_train_step(obj, state_sh, build.consts_shardings(consts, mesh,
+                                                                       config.sharding),
+                                batch_sh, do_r1=False)
+    history = []
+    for b in batches:
+      state, m = step(state, consts, parallel.host_to_global(b, mesh))
+      history.append(jax.device_get(m))
+    assert step._cache_size() == 1  # one compile for all steps
+    if name == "2x4":  # parameters and optimiser states really are split over fsdp
+      kernel = state.g_params["down_blocks_1"]["resnets_0"]["conv2"]["kernel"]
+      assert "fsdp" in str(kernel.sharding.spec) and kernel.addressable_shards[0].data.shape[-1] \
+          == kernel.shape[-1] // 4
+      mu = state.g_opt[1][0].mu["down_blocks_1"]["resnets_0"]["conv2"]["kernel"]
+      assert mu.sharding.spec == kernel.sharding.spec
+      assert "fsdp" in str(state.d_params["unet"]["mid_block"]["resnets_0"]["conv1"]["kernel"]
+                           .sharding.spec)
+    results[name] = (history, jax.device_get(state.g_params), jax.device_get(state.d_params))
+  ref_hist, ref_g, ref_d = results["1"]
+  for name in ("2x4", "8x1"):
+    hist, g, d = results[name]
+    for h, r in zip(hist, ref_hist):
+      for k in r:
+        np.testing.assert_allclose(h[k], r[k], rtol=2e-4, atol=1e-5, err_msg=f"{name} {k}")
+    for tree, ref in ((g, ref_g), (d, ref_d)):
+      for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=name)
