@@ -38,15 +38,15 @@ def dtype(name: str, what: str):
   return DTYPES[name]
 
 
-def _decoder(teacher):
-  """(decode(params, latents) -> RGB, decoder params) for pixel LPIPS through the teacher's VAE."""
+def _decoder(vae, vae_params):
+  """(decode(params, latents) -> RGB, decoder params) for pixel LPIPS through a VAE."""
   from d2g_jax.models.vae import AutoencoderKL
-  if teacher.vae is None:
+  if vae is None:
     raise ValueError("loss.name='lpips' decodes latents with the teacher's VAE; load it")
-  vae, cfg = teacher.vae, teacher.vae.config
+  cfg = vae.config
   decode = lambda p, lat: vae.apply({"params": p}, cfg.unscale_latents(lat),
                                     method=AutoencoderKL.decode)
-  return decode, teacher.vae_params
+  return decode, vae_params
 
 
 def build_objective(config, teacher, *, time_ids: np.ndarray | None = None,
@@ -54,26 +54,36 @@ def build_objective(config, teacher, *, time_ids: np.ndarray | None = None,
   """(Objective, consts) from `config` (generator, discriminator, loss, objective, train
   blocks) and a loaded teacher (its configs and schedule; its VAE for pixel LPIPS, its
   text encoders when `recompute_text`)."""
+  encode_tokens, text_params = (text_encoder_fn(teacher) if recompute_text else (None, None))
+  return objective_from_parts(config, teacher.info.unet, teacher.schedule,
+                              sdxl=teacher.family == "sdxl", vae=teacher.vae,
+                              vae_params=teacher.vae_params, time_ids=time_ids,
+                              encode_tokens=encode_tokens, text_params=text_params)
+
+
+def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, vae=None,
+                         vae_params=None, time_ids: np.ndarray | None = None,
+                         encode_tokens=None, text_params=None) -> tuple[Objective, dict]:
+  """`build_objective` from the pieces (a UNet config and a schedule) instead of a loaded
+  teacher folder: benchmarks and ahead-of-time compiles build full-size objectives so."""
   t, o, d = config.train, config.objective, config.discriminator
   kw = dict(dtype=dtype(t.dtype, "train.dtype"), param_dtype=jnp.float32,
             attention=t.attention, remat=t.remat)
-  unet_config = teacher.info.unet
-  gen = Generator(UNet(unet_config, **kw), teacher.schedule, config.generator.timestep,
+  gen = Generator(UNet(unet_config, **kw), schedule, config.generator.timestep,
                   config.generator.parameterization)
   d_module = disc.Discriminator(unet_config, disc.DiscriminatorOptions(
       z_cond=d.z_cond, multiscale_input=d.multiscale_input,
       multiscale_output=d.multiscale_output), **kw)
   decode = decoder_params = None
   if config.loss.name == "lpips":
-    decode, decoder_params = _decoder(teacher)
+    decode, decoder_params = _decoder(vae, vae_params)
   loss_fn, loss_params = perceptual.loss_from_config(config.loss, decode=decode,
                                                      decoder_params=decoder_params)
   opt = dict(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, warmup_steps=t.warmup_steps,
              grad_clip=t.grad_clip, weight_decay=t.weight_decay)
   g_tx, g_lr = optim.make_optimizer(t.g_lr, frozen=t.g_frozen, **opt)
   d_tx, d_lr = optim.make_optimizer(t.d_lr, frozen=t.d_frozen, **opt)
-  encode_tokens, text_params = (text_encoder_fn(teacher) if recompute_text else (None, None))
-  n = teacher.schedule.num_train_timesteps
+  n = schedule.num_train_timesteps
   for name in ("timestep", "diffuse_t_min", "diffuse_t_max"):
     if not 0 <= d[name] < n:
       raise ValueError(f"discriminator.{name}={d[name]} must be in [0, {n - 1}]")
@@ -89,8 +99,8 @@ def build_objective(config, teacher, *, time_ids: np.ndarray | None = None,
       r1_gamma=o.r1_gamma, r1_interval=o.r1_interval, r1_samples=o.r1_samples,
       mix_fraction=o.mix_fraction, ema_decay=t.ema_decay, d_timestep=d.timestep,
       diffuse=d.diffuse, diffuse_t_min=d.diffuse_t_min, diffuse_t_max=d.diffuse_t_max,
-      sdxl=teacher.family == "sdxl",
-      time_ids=None if time_ids is None else tuple(float(v) for v in np.ravel(time_ids)),
+      sdxl=sdxl, time_ids=None if time_ids is None else tuple(float(v) for v in
+                                                               np.ravel(time_ids)),
       encode_tokens=encode_tokens)
   return obj, {"loss": loss_params, "text": text_params}
 
