@@ -6,6 +6,8 @@ Stages (config.stages, comma-separated, run in the order given):
   roundtrip     teacher UNet: diffusers -> Flax -> Orbax -> diffusers, checked bit-exact,
                 and Flax vs diffusers outputs compared on random inputs (needs the torch extra)
   pairs         the teacher's DDIM+CFG solutions as (z, c, x) ArrayRecord shards
+  eval          the paper's metrics table: FID, CLIP score, fidelity, diversity per row
+                (teacher N-step, student one-step), samples resumable like pairs
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def pairs(config):
   return teacher_pairs.run_pairs(config)
 
 
+@stage("eval")
+def evaluate(config):
+  from d2g_jax.evaluate import stage as eval_stage
+  return eval_stage.run_eval(config)
+
+
 def parse_stages(spec: str) -> list[str]:
   names = [s.strip() for s in spec.split(",") if s.strip()]
   unknown = [n for n in names if n not in STAGES]
@@ -67,6 +75,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.teacher.path = os.path.join(config.workdir, "teacher")
   if not config.pairs.out_dir:
     config.pairs.out_dir = os.path.join(config.workdir, "pairs")
+  if not config.eval.out_dir:
+    config.eval.out_dir = os.path.join(config.workdir, "eval")
   return config
 
 

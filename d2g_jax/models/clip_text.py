@@ -125,9 +125,11 @@ class CLIPTextOutput:
 
 
 class CLIPAttention(nn.Module):
-  config: CLIPTextConfig
+  """Multi-head self-attention; causal for the text tower, not for the vision tower."""
+  config: CLIPTextConfig  # or models.clip_vision.CLIPVisionConfig: the same fields are read
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT=None):
@@ -139,7 +141,8 @@ class CLIPAttention(nn.Module):
     k_BxTxNxK = split(dense("k_proj")(x_BxTxD))
     v_BxTxNxK = split(dense("v_proj")(x_BxTxD))
     mask = None if mask_BxT is None else mask_BxT.astype(bool)[:, None, None, :]
-    o = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask, is_causal=True)
+    o = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask,
+                                     is_causal=self.causal)
     return dense("out_proj")(o.reshape(*o.shape[:2], cfg.hidden_size))
 
 
@@ -163,14 +166,16 @@ class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT=None):
     ln = lambda name: nn.LayerNorm(self.config.layer_norm_eps, dtype=jnp.float32,
                                    param_dtype=self.param_dtype, name=name)
     kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = CLIPAttention(**kw, causal=self.causal, name="self_attn")
     x = x_BxTxD
-    x = x + CLIPAttention(**kw, name="self_attn")(ln("layer_norm1")(x).astype(self.dtype), mask_BxT)
+    x = x + attn(ln("layer_norm1")(x).astype(self.dtype), mask_BxT)
     x = x + CLIPMLP(**kw, name="mlp")(ln("layer_norm2")(x).astype(self.dtype))
     return x
 
@@ -180,12 +185,13 @@ class CLIPEncoder(nn.Module):
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT=None) -> tuple[jax.Array, ...]:
     hidden = [x_BxTxD]
     for i in range(self.config.num_hidden_layers):
-      hidden.append(CLIPEncoderLayer(self.config, self.dtype, self.param_dtype,
+      hidden.append(CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.causal,
                                      name=f"layers_{i}")(hidden[-1], mask_BxT))
     return tuple(hidden)
 
