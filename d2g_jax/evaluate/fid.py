@@ -23,6 +23,7 @@ weights file and the input scaling.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import json
@@ -48,12 +49,13 @@ def fid_features(module, params, pixels_BxHxWx3) -> jax.Array:
 
 
 def statistics(features_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) in float64, as clean-fid's `get_folder_features` -> `np.mean` / `np.cov`."""
+  """(mu, sigma) in float64: `np.cov` as clean-fid; the mean accumulated in float64 (clean-fid's
+  `np.mean` of float32 features stays float32, ~1e-7 relative apart)."""
   features_NxD = np.asarray(features_NxD)
   if features_NxD.ndim != 2 or features_NxD.shape[0] < 2:
     raise ValueError(f"statistics need at least 2 feature vectors as an NxD array; got shape "
                      f"{features_NxD.shape}")
-  return np.mean(features_NxD, axis=0), np.cov(features_NxD, rowvar=False)
+  return np.mean(features_NxD, axis=0, dtype=np.float64), np.cov(features_NxD, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
@@ -115,6 +117,54 @@ def _source_fingerprint(spec: str, data_dir: str | None) -> str:
 
 
 # ------------------------------------------------------------- references
+def image_features(spec: str, module, params, *, data_dir: str | None = None,
+                   image_key: str = "image", limit: int = -1, center_crop: bool = False,
+                   resolution: int = 0, batch_size: int = 50, threads: int = 4) -> np.ndarray:
+  """Nx2048 pool3 features of the images of `spec` (a folder or a tfds split), in order.
+
+  Images are decoded and resized to 299 x 299 on the host with PIL (clean-fid's resize)
+  by `threads` threads, then run through the Inception in batches of `batch_size` on
+  the first local device (the last batch padded, so one shape is compiled).
+  """
+  n = images_lib.count_images(spec, data_dir=data_dir, limit=limit)
+  apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
+  params = jax.device_put(params, jax.local_devices()[0])
+
+  def load(image):
+    image = images_lib.prepare(image, center_crop, resolution)
+    return resize_host(image, (FID_SIZE, FID_SIZE))
+
+  def run(batch):
+    pad = np.zeros((batch_size - len(batch), FID_SIZE, FID_SIZE, 3), np.float32)
+    return np.asarray(apply(params, jnp.asarray(np.concatenate([np.stack(batch), pad]))))[
+        :len(batch)]
+
+  from tqdm import tqdm
+  feats, batch = [], []
+  stream = images_lib.iter_images(spec, data_dir=data_dir, image_key=image_key, limit=limit)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for pixels in tqdm(_bounded_map(pool, load, stream, 4 * threads), total=n, unit="img",
+                       desc="FID features"):
+      batch.append(pixels)
+      if len(batch) == batch_size:
+        feats.append(run(batch))
+        batch = []
+  if batch:
+    feats.append(run(batch))
+  return np.concatenate(feats)
+
+
+def _bounded_map(pool, fn, items, ahead: int):
+  """pool.map in order, with at most `ahead` items in flight (Executor.map reads all first)."""
+  pending = collections.deque()
+  for item in items:
+    pending.append(pool.submit(fn, item))
+    if len(pending) >= ahead:
+      yield pending.popleft().result()
+  while pending:
+    yield pending.popleft().result()
+
+
 def reference_statistics(spec: str, module, params, *, cache_dir: str, weights_sha256: str,
                          data_dir: str | None = None, image_key: str = "image",
                          limit: int = -1, center_crop: bool = False, resolution: int = 0,
@@ -122,10 +172,8 @@ def reference_statistics(spec: str, module, params, *, cache_dir: str, weights_s
                                                                           dict[str, Any]]:
   """(mu, sigma, info) of the real images of `spec`, computed once and cached in `cache_dir`.
 
-  `weights_sha256` identifies the Inception weights (part of the cache key). Images are
-  decoded and resized to 299 x 299 on the host with PIL (clean-fid's resize) by
-  `threads` threads, then run through the Inception in batches of `batch_size` on the
-  first local device. Not resumable: a killed computation starts again.
+  `weights_sha256` identifies the Inception weights (part of the cache key); the images
+  go through `image_features`. Not resumable: a killed computation starts again.
   """
   key = {"source": spec if spec.startswith("tfds:") else os.path.abspath(spec),
          "files": _source_fingerprint(spec, data_dir), "image_key": image_key, "limit": limit,
@@ -140,29 +188,10 @@ def reference_statistics(spec: str, module, params, *, cache_dir: str, weights_s
       info = json.loads(str(f["meta"]))
     print(f"[eval] FID reference statistics from the cache {path} ({info.get('num_images')} images)")
     return mu, sigma, {**info, "cache": path}
-  n = images_lib.count_images(spec, data_dir=data_dir, limit=limit)
-  print(f"[eval] computing FID reference statistics of {n} images from {spec} (cached in {path})")
-  apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
-  params = jax.device_put(params, jax.local_devices()[0])
-
-  def load(image):
-    image = images_lib.prepare(image, center_crop, resolution)
-    return resize_host(image, (FID_SIZE, FID_SIZE))
-
-  from tqdm import tqdm
-  feats, batch = [], []
-  stream = images_lib.iter_images(spec, data_dir=data_dir, image_key=image_key, limit=limit)
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    for pixels in tqdm(pool.map(load, stream), total=n, unit="img", desc="FID reference"):
-      batch.append(pixels)
-      if len(batch) == batch_size:
-        feats.append(np.asarray(apply(params, jnp.asarray(np.stack(batch)))))
-        batch = []
-    if batch:  # padded to the batch size: one compiled shape
-      pad = np.zeros((batch_size - len(batch),) + batch[0].shape, np.float32)
-      feats.append(np.asarray(apply(params, jnp.asarray(np.concatenate([np.stack(batch), pad]))))
-                   [:len(batch)])
-  features = np.concatenate(feats)
+  print(f"[eval] computing FID reference statistics of {spec} (cached in {path})")
+  features = image_features(spec, module, params, data_dir=data_dir, image_key=image_key,
+                            limit=limit, center_crop=center_crop, resolution=resolution,
+                            batch_size=batch_size, threads=threads)
   mu, sigma = statistics(features)
   info = {**key, "num_images": int(features.shape[0])}
   save_stats(path, mu, sigma, info)
