@@ -13,7 +13,7 @@ from d2g_jax.convert import core
 from d2g_jax.convert.clip_model import load_clip_model, params_from_state_dict
 from d2g_jax.evaluate import clip_score as cs
 from d2g_jax.models.clip_vision import CLIPConfig, CLIPModel
-from tests.torch_utils import assert_close_to_scale, nchw
+from torch_utils import assert_close_to_scale, nchw
 
 SIZE = 32
 

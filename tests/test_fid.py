@@ -16,8 +16,8 @@ from d2g_jax.evaluate import fid as fid_lib
 from d2g_jax.evaluate import images as images_lib
 from d2g_jax.evaluate.resize import fid_resize, resize_host
 from d2g_jax.models.inception import FIDInceptionV3
-from tests.test_inception import random_fid_state_dict
-from tests.torch_utils import assert_close_to_scale
+from test_inception import random_fid_state_dict
+from torch_utils import assert_close_to_scale
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (37, 80), (120, 299), (640, 427)])
@@ -74,7 +74,7 @@ def test_folder_features_match_clean_fid(fid_net, image_folder, monkeypatch):
   """Our folder -> features path vs clean-fid's `get_folder_features` in "clean" mode, with
   pytorch-fid's network (same random weights) as clean-fid's feature extractor."""
   from cleanfid import fid as cf
-  from tests.test_inception import reference_network
+  from test_inception import reference_network
   state, module, params = fid_net
   net = reference_network(state, monkeypatch)
   model = lambda x: net((x - 128.0) / 256.0 + 0.5)[0][:, :, 0, 0]  # pytorch-fid applies 2x - 1

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from d2g_jax.convert import core
 from d2g_jax.convert import inception as convert
 from d2g_jax.models.inception import FIDInceptionV3
-from tests.torch_utils import assert_close_to_scale, nchw
+from torch_utils import assert_close_to_scale, nchw
 
 
 def random_fid_state_dict(seed: int = 0) -> dict:

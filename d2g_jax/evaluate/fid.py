@@ -127,6 +127,7 @@ def image_features(spec: str, module, params, *, data_dir: str | None = None,
   the first local device (the last batch padded, so one shape is compiled).
   """
   n = images_lib.count_images(spec, data_dir=data_dir, limit=limit)
+  batch_size = max(1, min(batch_size, n))
   apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
   params = jax.device_put(params, jax.local_devices()[0])
 
