@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
+    "pillow==13.0.0",        # evaluation: image files, resizing references, grids
+    "scipy==1.17.1",         # evaluation: the Frechet distance's matrix square root
+    "tensorboardX==2.6.5",   # evaluation metrics and grids to TensorBoard (no TensorFlow)
 ]
 
 # PyTorch is a reference and conversion tool, never the training runtime.
@@ -36,6 +39,9 @@ TEST = TORCH + TFDS + [
     "lpips==0.1.4",        # official pixel LPIPS, a test-only numerical reference
     "setuptools<81",       # elatentlpips imports pkg_resources
     "matplotlib>=3.8",
+    "pytorch-fid==0.3.0",  # FID Inception, a test-only numerical reference
+    "clean-fid==0.1.35",   # FID resize / features / distance, a test-only numerical reference
+    "requests==2.34.2",    # imported by clean-fid
 ]
 
 setup(

@@ -1,6 +1,6 @@
 """One-step student vs the teacher's 50-step CFG sampling: images per second, same run.
 
-    python benchmarks/one_step.py                        # CPU, fp32, SD 1.5, batch 1, teacher timed at 2 steps
+    python benchmarks/one_step.py             # CPU, fp32, SD 1.5, batch 1, teacher at 2 steps
     python benchmarks/one_step.py --dtype bfloat16 --teacher-steps 50 --batch 1 8   # GPU
     python benchmarks/one_step.py --tiny                 # tiny models: a smoke test (seconds)
 
@@ -43,13 +43,8 @@ from d2g_jax.sampling import ScheduleConfig
 from d2g_jax.teacher import Teacher, TextEncoder
 from d2g_jax.tiny import make_tokenizer
 from common import interleaved_medians
+from pairs import GUIDANCE, PROMPTS, SD15_SCHEDULER
 
-SD15_SCHEDULER = {  # stable-diffusion-v1-5 scheduler/scheduler_config.json
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
-PROMPTS = ["a photo of the cat", "the cat of the cat", "a cat", "the photo of a cat"]
-GUIDANCE = 3.0
 
 
 def random_params(module, *args, seed: int = 0, scale: float = 0.02, dtype=np.float32):
@@ -57,8 +52,8 @@ def random_params(module, *args, seed: int = 0, scale: float = 0.02, dtype=np.fl
   N(0, scale^2) drawn with numpy (the full UNet's jitted init alone takes minutes on CPU)."""
   shapes = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"]
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jax.device_put((scale * rng.standard_normal(s.shape)).astype(dtype)),
-                      shapes)
+  draw = lambda s: jax.device_put((scale * rng.standard_normal(s.shape)).astype(dtype))
+  return jax.tree.map(draw, shapes)
 
 
 def build_teacher(tiny: bool, dtype) -> tuple[Teacher, int]:

@@ -1,4 +1,4 @@
-"""CLIP vision tower + CLIPModel loader + CLIP score against transformers, on a tiny random CLIPModel."""
+"""CLIP vision tower, CLIPModel loader and CLIP score vs transformers (tiny random CLIPModel)."""
 
 import numpy as np
 import pytest
@@ -64,7 +64,7 @@ def test_preprocess_matches_clip_image_processor():
 
 
 def test_clip_score_end_to_end(folder, reference):
-  """Scorer cosine (tokenise, preprocess, both towers) vs transformers' CLIPProcessor + CLIPModel."""
+  """Scorer cosine (tokenise, preprocess, both towers) vs transformers' processor + CLIPModel."""
   scorer = cs.load_clip_scorer(folder)
   prompts = ["the cat", "a photo of the cat", "cat of the photo"]
   pixels = np.random.default_rng(2).integers(0, 256, (3, 48, 48, 3)).astype(np.uint8)

@@ -38,7 +38,8 @@ def root(tmp_path_factory):
   rng = np.random.default_rng(0)
   os.makedirs(root / "real")
   for i in range(5):
-    Image.fromarray(rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)).save(root / "real" / f"{i}.png")
+    image = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
+    Image.fromarray(image).save(root / "real" / f"{i}.png")
   (root / "captions.txt").write_text("\n".join(PROMPTS) + "\n")
   return root
 

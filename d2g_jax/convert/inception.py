@@ -4,7 +4,7 @@ The file is the state dict of `pytorch_fid.inception.fid_inception_v3()` (torchv
 `Inception3(num_classes=1008, aux_logits=False)` with the FID blocks): the TensorFlow
 FID graph's weights that clean-fid and pytorch-fid compute FID with. It cannot be
 downloaded here; get it once from pytorch-fid's release page
-(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth)
+(`PYTORCH_FID_URL` below)
 and pass its path. Pickles are read with `torch.load(weights_only=True)`.
 
 Conversion is a name table over `models.inception.FIDInceptionV3`: every conv and batch

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2g_jax.evaluate import images as images_lib
+from d2g_jax.evaluate.fidelity import jitted_apply
 from d2g_jax.evaluate.resize import fid_resize, resize_host
 from d2g_jax.files import atomic_write
 
@@ -128,7 +129,7 @@ def image_features(spec: str, module, params, *, data_dir: str | None = None,
   """
   n = images_lib.count_images(spec, data_dir=data_dir, limit=limit)
   batch_size = max(1, min(batch_size, n))
-  apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
+  apply = jitted_apply(module)
   params = jax.device_put(params, jax.local_devices()[0])
 
   def load(image):
@@ -187,7 +188,8 @@ def reference_statistics(spec: str, module, params, *, cache_dir: str, weights_s
     mu, sigma = load_stats(path)
     with np.load(path) as f:
       info = json.loads(str(f["meta"]))
-    print(f"[eval] FID reference statistics from the cache {path} ({info.get('num_images')} images)")
+    print(f"[eval] FID reference statistics from the cache {path} "
+          f"({info.get('num_images')} images)")
     return mu, sigma, {**info, "cache": path}
   print(f"[eval] computing FID reference statistics of {spec} (cached in {path})")
   features = image_features(spec, module, params, data_dir=data_dir, image_key=image_key,

@@ -21,6 +21,7 @@ on 224 x 224 images resized as its own preprocessing does (PIL bicubic on 8-bit)
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -31,10 +32,17 @@ DREAMSIM_SIZE = 224
 LPIPS_ENCODERS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_apply(module):
+  """`jax.jit` of `module.apply({"params": p}, *args)`, one per (hashable) module, so that
+  repeated evaluations reuse the compiled program."""
+  return jax.jit(lambda p, *args: module.apply({"params": p}, *args))
+
+
 def latent_distance_fn(module, params, batch_size: int = 16) -> Callable[[np.ndarray, np.ndarray],
                                                                         np.ndarray]:
   """(a_NxHxWxC, b_NxHxWxC) -> N LatentLPIPS distances (augmentation off), in batches."""
-  apply = jax.jit(lambda p, a, b: module.apply({"params": p}, a, b))
+  apply = jitted_apply(module)
 
   def distance(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

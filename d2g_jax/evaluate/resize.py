@@ -74,7 +74,8 @@ def resize_host(image_HxWxC: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   from PIL import Image
   h, w = size
   channels = [np.asarray(Image.fromarray(np.asarray(image_HxWxC[..., c], np.float32))
-                         .resize((w, h), resample=Image.BICUBIC)) for c in range(image_HxWxC.shape[-1])]
+                         .resize((w, h), resample=Image.BICUBIC))
+              for c in range(image_HxWxC.shape[-1])]
   return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.float32)
 
 

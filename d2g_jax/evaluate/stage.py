@@ -149,7 +149,8 @@ def generate_row(config, name: str, prompts: list[str], metrics: Metrics) -> dic
     x = np.stack([r["x"] for r in PairSource(out_dir).__getitems__(list(range(g)))])
     decode = jax.jit(functools.partial(decode_pixels, sampler))
     grid = np.asarray(decode(sampler.teacher.vae_params, x)).astype(np.uint8)
-  return {"manifest": manifest, "grid": grid, "meta": sampler.meta, "family": sampler.teacher.family}
+  return {"manifest": manifest, "grid": grid, "meta": sampler.meta,
+          "family": sampler.teacher.family}
 
 
 # ------------------------------------------------------------------ metrics
@@ -290,11 +291,13 @@ def run_eval(config) -> dict:
     results[name] = r
   grids = [generated[name]["grid"] for name in names if generated[name]["grid"] is not None]
   grid = save_grid(grids, os.path.join(e.out_dir, "grid.png")) if grids else None
-  report = {"rows": results, "order": names, "samplers": {k: v["meta"] for k, v in generated.items()},
+  report = {"rows": results, "order": names,
+            "samplers": {k: v["meta"] for k, v in generated.items()},
             "num_samples": n, "seed": int(config.seed), "prompts": e.prompts,
             "fid_reference": None if ref is None else ref[2],
-            "clip_scale": float(e.clip.scale), "lpips": {
-                "encoder": encoder, "weights": e.lpips_weights or "random (NOT a meaningful metric)"},
+            "clip_scale": float(e.clip.scale),
+            "lpips": {"encoder": encoder,
+                      "weights": e.lpips_weights or "random (NOT a meaningful metric)"},
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
   save_json(report, os.path.join(e.out_dir, "metrics.json"))
   write_tensorboard(os.path.join(e.out_dir, "tb"), results, grid, e.step)

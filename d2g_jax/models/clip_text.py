@@ -35,8 +35,27 @@ _ACTIVATIONS = {
 LEGACY_EOS_TOKEN_ID = 2
 
 
+class TowerChecks:
+  """What the text and vision towers' configs share: checks and the head width."""
+  hidden_act: str
+  hidden_size: int
+  num_attention_heads: int
+
+  def __post_init__(self):
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: "
+                       f"{sorted(_ACTIVATIONS)}")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                       f"num_attention_heads {self.num_attention_heads}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(TowerChecks):
   """Hyperparameters of a CLIP text encoder, as in transformers' `config.json`."""
   vocab_size: int = 49408
   hidden_size: int = 768
@@ -51,18 +70,6 @@ class CLIPTextConfig:
   bos_token_id: int = 0
   eos_token_id: int = 2
   pad_token_id: int = 1
-
-  def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: "
-                       f"{sorted(_ACTIVATIONS)}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                       f"num_attention_heads {self.num_attention_heads}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
 
   @classmethod
   def from_transformers(cls, config: dict) -> "CLIPTextConfig":

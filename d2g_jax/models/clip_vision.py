@@ -30,13 +30,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from d2g_jax.models.clip_text import _ACTIVATIONS, CLIPEncoder, CLIPTextConfig, CLIPTextTransformer
+from d2g_jax.models.clip_text import (CLIPEncoder, CLIPTextConfig, CLIPTextTransformer,
+                                      TowerChecks)
 
 Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(TowerChecks):
   """Hyperparameters of a CLIP vision tower; defaults are transformers' `CLIPVisionConfig`."""
   hidden_size: int = 768
   intermediate_size: int = 3072
@@ -47,18 +48,6 @@ class CLIPVisionConfig:
   patch_size: int = 32
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
-
-  def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: "
-                       f"{sorted(_ACTIVATIONS)}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                       f"num_attention_heads {self.num_attention_heads}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
 
   @property
   def num_patches(self) -> int:
