@@ -23,7 +23,6 @@ unet_params, meta)` (the teacher folder supplies text encoders, tokenizers and V
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -151,7 +150,3 @@ def one_step_sampler(row, config, name: str) -> Sampler:
   meta = {"source": "one_step", **_folder_meta(row.path, teacher), "timestep": timestep,
           "prediction_type": schedule.prediction_type}
   return generator_sampler(teacher, generator, teacher.unet_params, meta, _size(config, teacher))
-
-
-def describe(sampler: Sampler) -> str:
-  return json.dumps(sampler.meta, sort_keys=True)
