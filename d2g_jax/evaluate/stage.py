@@ -271,14 +271,19 @@ def run_eval(config) -> dict:
       print(f"[eval] {what} is off (" + {"FID": "set eval.fid.inception_weights",
                                           "CLIP score": "set eval.clip.path",
                                           "DreamSim": "set eval.dreamsim=True"}[what] + ")")
+  if e.lpips_weights and not os.path.exists(e.lpips_weights):
+    raise FileNotFoundError(f"config.eval.lpips_weights={e.lpips_weights!r} does not exist; give "
+                            "the E-LatentLPIPS weights ({encoder}_latest_vgg16_tuned.pth)")
+  ref = None  # first, so that a bad reference fails before hours of sampling
+  if metrics.inception is not None and jax.process_index() == 0:
+    ref = reference_stats(config, metrics)
+    if ref is None:
+      print("[eval] FID skipped: no reference (set eval.fid.ref to a folder / tfds split, or "
+            "eval.fid.ref_stats to an .npz)")
   generated = {name: generate_row(config, name, prompts, metrics) for name in names}
   if jax.process_index() != 0:
     return {}
 
-  ref = reference_stats(config, metrics) if metrics.inception is not None else None
-  if metrics.inception is not None and ref is None:
-    print("[eval] FID skipped: no reference (set eval.fid.ref to a folder / tfds split, or "
-          "eval.fid.ref_stats to an .npz)")
   family = generated[names[0]]["family"]
   encoder = e.lpips_encoder or fidelity_lib.LPIPS_ENCODERS[family]
   from d2g_jax.convert.lpips import load_latent_lpips
