@@ -18,8 +18,9 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
-    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow (train/metrics.py)
-    "pillow==13.0.0",       # PNG encoding of image summaries and sample grids
+    "tensorboardX==2.6.5",   # TensorBoard event files without TensorFlow (training, evaluation)
+    "pillow==13.0.0",        # PNG sample grids, image files, resizing references
+    "scipy==1.17.1",         # evaluation: the Frechet distance's matrix square root
 ]
 
 # PyTorch is a reference and conversion tool, never the training runtime.
@@ -39,6 +40,9 @@ TEST = TORCH + TFDS + [
     "setuptools<81",       # elatentlpips imports pkg_resources
     "matplotlib>=3.8",
     "tensorboard==2.21.0",  # reads the event files back in tests (and views them)
+    "pytorch-fid==0.3.0",  # FID Inception, a test-only numerical reference
+    "clean-fid==0.1.35",   # FID resize / features / distance, a test-only numerical reference
+    "requests==2.34.2",    # imported by clean-fid
 ]
 
 setup(

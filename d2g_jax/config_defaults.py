@@ -3,7 +3,7 @@
 Paths left empty are derived from `workdir` by `run.resolve()`:
 teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs,
 train.pairs '' -> pairs.out_dir, export.out_dir '' -> <workdir>/export,
-export.orbax_dir '' -> <workdir>/export_orbax.
+export.orbax_dir '' -> <workdir>/export_orbax, eval.out_dir '' -> <workdir>/eval.
 
 Where a default is not the paper's (it publishes neither), README.md's "The objective"
 section says where it comes from.
@@ -119,4 +119,55 @@ def base() -> ml_collections.ConfigDict:
   c.export.orbax_dir = ""          # Orbax copy of the exported UNet params ('' = <workdir>/export_orbax)
   c.export.weights = "ema"         # ema | generator
   c.export.dtype = "float32"       # weights of the exported UNet: float32 | float16 | bfloat16
+  # eval: the paper's tables (README "Evaluation"); one block per row, in eval.rows order.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.out_dir = ""              # '' = <workdir>/eval
+  c.eval.rows = "teacher,student"  # table rows, each a block below (configs may add blocks)
+  c.eval.teacher = eval_row("ddim", num_steps=50, guidance_scale=3.0)  # path '' = teacher.path
+  c.eval.student = eval_row("one_step")  # path: a folder from convert.pipeline.export_pipeline
+  c.eval.prompts = ""              # captions: .txt | .jsonl | tfds:coco_captions/2014/val
+  c.eval.prompt_field = ""         # JSONL field
+  c.eval.tfds_data_dir = ""
+  c.eval.caption_key = ""
+  c.eval.num_samples = -1          # N, the first N captions (-1: all); FID-30k: 30000
+  c.eval.height = 0                # pixels; 0 = the pipeline's default
+  c.eval.width = 0
+  c.eval.batch_size = 8            # global; a multiple of the number of devices
+  c.eval.shard_size = 1024         # samples per ArrayRecord shard (the unit of resumption)
+  c.eval.grid_size = 8             # samples per row in grid.png
+  c.eval.step = 0                  # TensorBoard step of the metrics
+  c.eval.fidelity_reference = "teacher"  # row whose samples are the ODE solutions ('' = none)
+  c.eval.lpips_weights = ""        # {encoder}_latest_vgg16_tuned.pth ('' = random: not a metric)
+  c.eval.lpips_encoder = ""        # '' = from the pipeline family (sd15, sd21, sdxl)
+  c.eval.diversity_prompts = 0     # K prompts (the first K captions) for diversity; 0 = off
+  c.eval.diversity_seeds = 10      # S samples per diversity prompt
+  c.eval.dreamsim = False          # DreamSim fidelity/diversity (needs the dreamsim package)
+  c.eval.dreamsim_cache = ""       # folder holding DreamSim's downloaded weights
+  c.eval.fid = ml_collections.ConfigDict()
+  c.eval.fid.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth ('' = FID off)
+  c.eval.fid.normalize = "clean"   # clean ((x-128)/128, clean-fid) | pytorch_fid (x/127.5-1)
+  c.eval.fid.ref = ""              # real images: a folder or tfds:<name>/<split>
+  c.eval.fid.ref_stats = ""        # or a precomputed .npz with mu, sigma (wins over ref)
+  c.eval.fid.ref_data_dir = ""     # tfds data_dir of ref
+  c.eval.fid.ref_image_key = "image"
+  c.eval.fid.ref_limit = -1        # the first N reference images (-1: all)
+  c.eval.fid.ref_center_crop = False  # centre square crop of each reference image
+  c.eval.fid.ref_resolution = 0    # resize references to this square size first (0: no)
+  c.eval.fid.ref_batch_size = 50
+  c.eval.fid.cache_dir = ""        # '' = <workdir>/fid_stats
+  c.eval.clip = ml_collections.ConfigDict()
+  c.eval.clip.path = ""            # a transformers CLIPModel folder ('' = CLIP score off)
+  c.eval.clip.scale = 1.0          # 1: cosine, as the paper (0.347); 100: torchmetrics
   return c
+
+
+def eval_row(source: str, path: str = "", num_steps: int = 1,
+             guidance_scale: float = 1.0) -> ml_collections.ConfigDict:
+  """One row of the evaluation table (d2g_jax.evaluate.samplers.SOURCES)."""
+  r = ml_collections.ConfigDict()
+  r.source = source                # ddim | one_step
+  r.path = path                    # the pipeline folder
+  r.num_steps = num_steps          # ddim: DDIM steps (eta 0)
+  r.guidance_scale = guidance_scale  # ddim: classifier-free guidance
+  r.negative_prompt = ""           # ddim: the unconditional prompt
+  return r

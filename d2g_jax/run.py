@@ -12,6 +12,8 @@ Stages (config.stages, comma-separated, run in the order given):
 
 The whole run holds a lock on the workdir (and the pairs stage on its output folder):
 a second run on the same folder refuses at once, naming the first.
+  eval          the paper's metrics table: FID, CLIP score, fidelity, diversity per row
+                (teacher N-step, student one-step), samples resumable like pairs
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def _lock(config, folder: str):
                     stale_after_s=config.train.lock_stale_after_s)
 
 
+@stage("eval")
+def evaluate(config):
+  from d2g_jax.evaluate import stage as eval_stage
+  return eval_stage.run_eval(config)
+
+
 def parse_stages(spec: str) -> list[str]:
   names = [s.strip() for s in spec.split(",") if s.strip()]
   unknown = [n for n in names if n not in STAGES]
@@ -100,6 +108,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.export.out_dir = os.path.join(config.workdir, "export")
   if not config.export.orbax_dir:
     config.export.orbax_dir = os.path.join(config.workdir, "export_orbax")
+  if not config.eval.out_dir:
+    config.eval.out_dir = os.path.join(config.workdir, "eval")
   config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 

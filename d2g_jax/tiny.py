@@ -101,3 +101,25 @@ def build(family: str, folder: str, force_zeros: bool = True):
     with open(path, "w") as fh:
       json.dump(config, fh, indent=2)
   return pipe
+
+
+def build_clip_model(folder: str, image_size: int = 32, seed: int = 5) -> transformers.CLIPModel:
+  """A tiny random transformers CLIPModel folder (both towers, tokenizer, image processor),
+  laid out like openai/clip-vit-large-patch14, for CLIP-score tests and demos."""
+  tokenizer = make_tokenizer("<|endoftext|>")
+  eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+  text = dict(vocab_size=64, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=2, max_position_embeddings=MAX_LEN, projection_dim=16,
+              bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos)
+  vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                image_size=image_size, patch_size=8, projection_dim=16)
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                         projection_dim=16)).eval()
+  processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size,
+                                                            "width": image_size})
+  model.save_pretrained(folder)
+  tokenizer.save_pretrained(folder)
+  processor.save_pretrained(folder)
+  return model

@@ -65,9 +65,16 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias",
                "embedding": "weight"}
 
 
-def default_leaf(path: Path, ndim: int) -> tuple[str, Hook]:
-  """Torch leaf name and hook of a Flax leaf, decided by its name and rank."""
+def default_leaf(path: Path, ndim: int,
+                 leaves: Mapping[str, str] | None = None) -> tuple[str, Hook]:
+  """Torch leaf name and hook of a Flax leaf, decided by its name and rank.
+
+  `leaves` adds Flax leaf name -> PyTorch leaf name pairs copied as they are (e.g.
+  batch-norm statistics `mean` -> `running_mean`, CLIP's `class_embedding`).
+  """
   leaf = path[-1]
+  if leaves and leaf in leaves:
+    return leaves[leaf], IDENTITY
   if leaf not in _LEAF_NAMES:
     raise ConversionError(f"no conversion rule for parameter {'/'.join(path)}")
   if leaf == "kernel":
@@ -79,19 +86,21 @@ def default_leaf(path: Path, ndim: int) -> tuple[str, Hook]:
 
 
 def module_table(shapes: Any, list_names: Iterable[str],
-                 rename: Mapping[str, str] | None = None) -> Table:
+                 rename: Mapping[str, str] | None = None,
+                 leaves: Mapping[str, str] | None = None) -> Table:
   """The table for a Flax tree whose module names mirror PyTorch's.
 
   Flax names list members `<name>_<i>`; PyTorch names them `<name>.<i>`. Only the
   names in `list_names` (e.g. `down_blocks`, `resnets`) are split this way, so a
   module called `linear_1` keeps its name. `rename` maps a whole Flax component to
-  a different PyTorch component when the two genuinely differ.
+  a different PyTorch component when the two genuinely differ. `leaves`: extra leaf
+  names, see `default_leaf`.
   """
   list_re = re.compile(r"^(%s)_(\d+)$" % "|".join(map(re.escape, sorted(list_names))))
   rename = dict(rename or {})
   table: Table = {}
   for path, leaf in traverse_util.flatten_dict(_unfreeze(shapes)).items():
-    leaf_name, hook = default_leaf(path, len(leaf.shape))
+    leaf_name, hook = default_leaf(path, len(leaf.shape), leaves)
     parts = []
     for comp in path[:-1]:
       comp = rename.get(comp, comp)

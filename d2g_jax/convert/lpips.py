@@ -84,10 +84,10 @@ def lpips_table(cfg: LPIPSConfig) -> Table:
 
 
 # ------------------------------------------------------------------ reading
-def read_checkpoint(path: str) -> dict[str, Any]:
+def read_checkpoint(path: str, what: str = "LPIPS weights") -> dict[str, Any]:
   """A PyTorch pickle's top-level object (weights only), or the tensors of a `.safetensors` file."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"LPIPS weights file {path!r} does not exist")
+    raise FileNotFoundError(f"{what} file {path!r} does not exist")
   if path.endswith(".safetensors"):
     folder, name = os.path.split(os.path.abspath(path))
     source = open_weights(folder, name[: -len(".safetensors")])

@@ -117,15 +117,15 @@ def _check_config(path: str, found: Mapping[str, Any], expected: Mapping[str, An
 
 
 # ------------------------------------------------------------------ stage
-def _step(generate_fn: GenerateFn, seed: int, latent_shape: tuple[int, ...], params: Any,
-          index_B: jax.Array, cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _step(generate_fn: GenerateFn, seed: int, latent_shape: tuple[int, ...], store_noise: bool,
+          params: Any, index_B: jax.Array, cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
   z_BxHxWxC = batch_noise(seed, index_B, latent_shape)
   out = dict(generate_fn(params, z_BxHxWxC, cond))
   clash = set(out) & (set(RESERVED_KEYS) | set(cond))
   if clash:
     raise ValueError(f"generate_fn outputs {sorted(clash)}, which clash with the reserved keys "
                      f"{RESERVED_KEYS} or encode_fn's {sorted(cond)}")
-  return {"z": z_BxHxWxC, **out}
+  return {"z": z_BxHxWxC, **out} if store_noise else out
 
 
 def _encode(encode_fn: EncodeFn | None, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -273,7 +273,7 @@ def generate_pairs(out_dir: str, prompts: Sequence[str], generate_fn: GenerateFn
                    shard_size: int = 1024, manifest_meta: Mapping[str, Any],
                    params: Any = None, encode_fn: EncodeFn | None = None,
                    mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-                   writer_options: str = fmt.WRITER_OPTIONS) -> dict:
+                   writer_options: str = fmt.WRITER_OPTIONS, store_noise: bool = True) -> dict:
   """Generates pair i for every prompt i into ArrayRecord shards in `out_dir`; resumable.
 
   Args:
@@ -294,6 +294,8 @@ def generate_pairs(out_dir: str, prompts: Sequence[str], generate_fn: GenerateFn
     mesh: defaults to `parallel.make_mesh()` (all devices on `data`).
     progress: tqdm bar (pairs/s, time left) on process 0.
     writer_options: ArrayRecord writer options (must keep `group_size:1`).
+    store_noise: store z in each record (False: it is `pair_noise(seed, index)`, e.g. for
+      evaluation samples, where only the outputs are needed).
 
   Returns:
     The final manifest (also written to out_dir/manifest.json).
@@ -320,7 +322,7 @@ def generate_pairs(out_dir: str, prompts: Sequence[str], generate_fn: GenerateFn
   params = jax.tree.map(
       lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, parallel.replicated(mesh)),
       params)
-  step = jax.jit(functools.partial(_step, generate_fn, seed, latent_shape),
+  step = jax.jit(functools.partial(_step, generate_fn, seed, latent_shape, store_noise),
                  in_shardings=(None, sharding, sharding), out_shardings=sharding)
 
   probe_cond = _encode(encode_fn, [prompts[0]] * b)

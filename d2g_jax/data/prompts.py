@@ -139,10 +139,11 @@ def _as_text(value: Any) -> str:
   raise TypeError(type(value).__name__)
 
 
-def read_tfds(name: str, split: str, *, data_dir: str | None = None,
-              caption_key: str | None = None, all_captions: bool = False,
-              read_batch: int = 1024) -> list[str]:
-  """Captions of a tfds dataset prepared (ArrayRecord format) under `data_dir`."""
+def open_tfds(name: str, split: str, data_dir: str | None = None):
+  """(data source, description) of a tfds split prepared (ArrayRecord) under `data_dir`.
+
+  Image and video features are not decoded: their values are the encoded bytes.
+  """
   tfds = _import_tfds()
   from tensorflow_datasets.core import read_only_builder
   where = f"{name} in data_dir {data_dir!r}" if data_dir else f"{name} in tfds's default data_dir"
@@ -169,7 +170,14 @@ def read_tfds(name: str, split: str, *, data_dir: str | None = None,
     raise PromptError(f"cannot open {desc}: {e}") from e
   if len(source) == 0:
     raise PromptError(f"{desc} is empty")
+  return source, desc
 
+
+def read_tfds(name: str, split: str, *, data_dir: str | None = None,
+              caption_key: str | None = None, all_captions: bool = False,
+              read_batch: int = 1024) -> list[str]:
+  """Captions of a tfds dataset prepared (ArrayRecord format) under `data_dir`."""
+  source, desc = open_tfds(name, split, data_dir)
   prompts: list[str] = []
   key = caption_key
   for start in range(0, len(source), read_batch):

@@ -161,11 +161,11 @@ def teacher_fns(teacher: Teacher, *, guidance_scale: float, num_steps: int, eta:
 
 
 # ------------------------------------------------------------------ the stage
-def teacher_fingerprint(path: str) -> str:
-  """sha256 over the pipeline parts the pair stage uses: small files by content,
-  weights by name and size (see FINGERPRINT_CONTENT_BYTES)."""
+def teacher_fingerprint(path: str, parts: Sequence[str] = FINGERPRINT_PARTS) -> str:
+  """sha256 over the pipeline parts the pair stage uses (`parts`, files or folders under
+  `path`): small files by content, weights by name and size (see FINGERPRINT_CONTENT_BYTES)."""
   h = hashlib.sha256()
-  for part in FINGERPRINT_PARTS:
+  for part in parts:
     top = os.path.join(path, part)
     files = [top] if os.path.isfile(top) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs)

@@ -35,8 +35,27 @@ _ACTIVATIONS = {
 LEGACY_EOS_TOKEN_ID = 2
 
 
+class TowerChecks:
+  """What the text and vision towers' configs share: checks and the head width."""
+  hidden_act: str
+  hidden_size: int
+  num_attention_heads: int
+
+  def __post_init__(self):
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: "
+                       f"{sorted(_ACTIVATIONS)}")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                       f"num_attention_heads {self.num_attention_heads}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(TowerChecks):
   """Hyperparameters of a CLIP text encoder, as in transformers' `config.json`."""
   vocab_size: int = 49408
   hidden_size: int = 768
@@ -51,18 +70,6 @@ class CLIPTextConfig:
   bos_token_id: int = 0
   eos_token_id: int = 2
   pad_token_id: int = 1
-
-  def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: "
-                       f"{sorted(_ACTIVATIONS)}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                       f"num_attention_heads {self.num_attention_heads}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
 
   @classmethod
   def from_transformers(cls, config: dict) -> "CLIPTextConfig":
@@ -125,9 +132,11 @@ class CLIPTextOutput:
 
 
 class CLIPAttention(nn.Module):
-  config: CLIPTextConfig
+  """Multi-head self-attention; causal for the text tower, not for the vision tower."""
+  config: CLIPTextConfig  # or models.clip_vision.CLIPVisionConfig: the same fields are read
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT=None):
@@ -139,7 +148,8 @@ class CLIPAttention(nn.Module):
     k_BxTxNxK = split(dense("k_proj")(x_BxTxD))
     v_BxTxNxK = split(dense("v_proj")(x_BxTxD))
     mask = None if mask_BxT is None else mask_BxT.astype(bool)[:, None, None, :]
-    o = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask, is_causal=True)
+    o = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask,
+                                     is_causal=self.causal)
     return dense("out_proj")(o.reshape(*o.shape[:2], cfg.hidden_size))
 
 
@@ -163,14 +173,16 @@ class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT=None):
     ln = lambda name: nn.LayerNorm(self.config.layer_norm_eps, dtype=jnp.float32,
                                    param_dtype=self.param_dtype, name=name)
     kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = CLIPAttention(**kw, causal=self.causal, name="self_attn")
     x = x_BxTxD
-    x = x + CLIPAttention(**kw, name="self_attn")(ln("layer_norm1")(x).astype(self.dtype), mask_BxT)
+    x = x + attn(ln("layer_norm1")(x).astype(self.dtype), mask_BxT)
     x = x + CLIPMLP(**kw, name="mlp")(ln("layer_norm2")(x).astype(self.dtype))
     return x
 
@@ -180,12 +192,13 @@ class CLIPEncoder(nn.Module):
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT=None) -> tuple[jax.Array, ...]:
     hidden = [x_BxTxD]
     for i in range(self.config.num_hidden_layers):
-      hidden.append(CLIPEncoderLayer(self.config, self.dtype, self.param_dtype,
+      hidden.append(CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.causal,
                                      name=f"layers_{i}")(hidden[-1], mask_BxT))
     return tuple(hidden)
 
