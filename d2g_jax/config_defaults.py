@@ -165,8 +165,9 @@ def eval_row(source: str, path: str = "", num_steps: int = 1,
              guidance_scale: float = 1.0) -> ml_collections.ConfigDict:
   """One row of the evaluation table (d2g_jax.evaluate.samplers.SOURCES)."""
   r = ml_collections.ConfigDict()
-  r.source = source                # ddim | one_step
-  r.path = path                    # the pipeline folder
+  r.source = source                # ddim | one_step | checkpoint
+  r.path = path                    # the pipeline folder (checkpoint: the checkpoints folder,
+                                   # '' = <workdir>/checkpoints; the teacher is teacher.path)
   r.num_steps = num_steps          # ddim: DDIM steps (eta 0)
   r.guidance_scale = guidance_scale  # ddim: classifier-free guidance
   r.negative_prompt = ""           # ddim: the unconditional prompt

@@ -94,6 +94,16 @@ def test_train_export_rerun(root, tmp_path):
   # The EMA is what was exported, and it moved away from the teacher.
   assert not np.array_equal(params["conv_in"]["kernel"], teacher.unet_params["conv_in"]["kernel"])
 
+  # The eval stage's "checkpoint" source samples the same generator from the checkpoint.
+  from d2g_jax import config_defaults
+  from d2g_jax.evaluate import samplers
+  sampler = samplers.make_sampler(config_defaults.eval_row("checkpoint"), run.resolve(config),
+                                  "student")
+  assert sampler.meta["step"] == 8
+  from_ckpt = jax.jit(sampler.generate_fn)(sampler.params, jnp.asarray(z),
+                                           sampler.encode_fn(PROMPTS[:2]))["x"]
+  assert_close_to_scale(from_ckpt, ours, 1e-5)
+
   # Rerunning finished stages does nothing; a float16 export loads in diffusers.
   again = run.run(config)
   assert again["train"]["step"] == 8 and again["export"] == results["export"]

@@ -12,10 +12,13 @@ names a function of `SOURCES`; it returns a `Sampler`:
              `convert.pipeline.export_pipeline`      scheduler's single (trailing) timestep, read
                                                      as x0 per its `prediction_type`
                                                      (`models.generator.Generator`)
+  "checkpoint" a training run's checkpoints folder   the same, with the EMA weights of its latest
+             ('' = <workdir>/checkpoints) and the    checkpoint (only those are read), the
+             teacher folder (`teacher.path`)          config's `generator` block
 
 Every sampler takes the same noise: sample i starts from `data.pairs.pair_noise(seed, i)`,
 so the teacher's and the student's i-th samples share z and prompt, as fidelity needs.
-A new source (e.g. a training checkpoint) is one more decorated function: build the
+A new source is one more decorated function: build the
 `Generator` and its params, then return `generator_sampler(folder_teacher, generator,
 unet_params, meta)` (the teacher folder supplies text encoders, tokenizers and VAE).
 """
@@ -150,3 +153,20 @@ def one_step_sampler(row, config, name: str) -> Sampler:
   meta = {"source": "one_step", **_folder_meta(row.path, teacher), "timestep": timestep,
           "prediction_type": schedule.prediction_type}
   return generator_sampler(teacher, generator, teacher.unet_params, meta, _size(config, teacher))
+
+
+@source("checkpoint")
+def checkpoint_sampler(row, config, name: str) -> Sampler:
+  """The EMA generator of a training run's latest checkpoint, with the teacher folder's text
+  encoders, tokenizers and VAE (`row.path`: the checkpoints folder, '' = the workdir's)."""
+  from d2g_jax.train.export import load_generator
+  from d2g_jax.train.loop import checkpoint_dir
+  folder = row.path or checkpoint_dir(config)
+  teacher = _load(config.teacher.path, config, name)
+  trained, params, step = load_generator(config, folder, "ema")
+  generator = generator_lib.Generator(teacher.unet, teacher.schedule, trained.timestep,
+                                      trained.parameterization)
+  meta = {"source": "checkpoint", "checkpoints": os.path.abspath(folder), "step": int(step),
+          **_folder_meta(config.teacher.path, teacher), "timestep": generator.timestep,
+          "prediction_type": generator.prediction_type}
+  return generator_sampler(teacher, generator, params, meta, _size(config, teacher))

@@ -38,6 +38,28 @@ WEIGHTS = {"ema": "g_ema", "generator": "g_params"}
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
 
 
+def load_generator(config, checkpoints: str, weights: str = "ema", step: int | None = None):
+  """(Generator, params on the host, step) from a training run's checkpoints folder: only
+  the generator's weights (`weights`: ema | generator) of `step` (default: the latest) are
+  read; the teacher folder (`config.teacher.path`) gives the UNet config and schedule."""
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights={weights!r}; expected one of {sorted(WEIGHTS)}")
+  teacher = load_teacher(config.teacher.path, components=())
+  gen = Generator(UNet(teacher.info.unet), teacher.schedule, config.generator.timestep,
+                  config.generator.parameterization)
+  with Checkpointer(checkpoints, max_to_keep=None) as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}: run the train stage "
+                              "first (--config.stages=train)")
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
+                            init_shapes(teacher.info.unet))
+    key = WEIGHTS[weights]
+    params = jax.device_get(ckpt.restore_partial(step, {key: abstract})[key])
+  return gen, params, step
+
+
 def run_export(config) -> dict:
   """The export stage. Returns the export record (also written as out_dir/d2g_export.json)."""
   e = config.export
@@ -47,26 +69,21 @@ def run_export(config) -> dict:
     raise ValueError(f"export.dtype={e.dtype!r}; expected one of {sorted(DTYPES)}")
   with Checkpointer(checkpoint_dir(config), max_to_keep=None) as ckpt:
     step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}: run the train stage "
-                              "first (--config.stages=train,export)")
-    teacher = load_teacher(config.teacher.path, components=())
-    gen = Generator(UNet(teacher.info.unet), teacher.schedule, config.generator.timestep,
-                    config.generator.parameterization)
-    record = {"step": step, "checkpoint_dir": str(ckpt.directory), "weights": e.weights,
-              "dtype": e.dtype, "timestep": gen.timestep, "prediction_type": gen.prediction_type,
-              "teacher": os.path.abspath(config.teacher.path)}
-    info_path = os.path.join(e.out_dir, INFO)
-    if os.path.isfile(info_path) and load_json(info_path, "export record") == record \
-        and os.path.isdir(e.orbax_dir):
-      log.info("%s already holds step %d (%s weights); nothing to do", e.out_dir, step,
-               e.weights)
-      return record
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
-                            init_shapes(teacher.info.unet))
-    key = WEIGHTS[e.weights]
-    params = jax.device_get(ckpt.restore_partial(step, {key: abstract})[key])
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(config)}: run the train "
+                            "stage first (--config.stages=train,export)")
+  teacher = load_teacher(config.teacher.path, components=())
+  gen = Generator(UNet(teacher.info.unet), teacher.schedule, config.generator.timestep,
+                  config.generator.parameterization)
+  record = {"step": step, "checkpoint_dir": checkpoint_dir(config), "weights": e.weights,
+            "dtype": e.dtype, "timestep": gen.timestep, "prediction_type": gen.prediction_type,
+            "teacher": os.path.abspath(config.teacher.path)}
+  info_path = os.path.join(e.out_dir, INFO)
+  if os.path.isfile(info_path) and load_json(info_path, "export record") == record \
+      and os.path.isdir(e.orbax_dir):
+    log.info("%s already holds step %d (%s weights); nothing to do", e.out_dir, step, e.weights)
+    return record
+  gen, params, _ = load_generator(config, checkpoint_dir(config), e.weights, step)
   if jax.process_index() != 0:
     return record
   dtype = DTYPES[e.dtype]
