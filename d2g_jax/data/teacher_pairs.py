@@ -38,6 +38,7 @@ import numpy as np
 from d2g_jax import sampling
 from d2g_jax.data import pairs as pairs_lib
 from d2g_jax.data import shards as fmt
+from d2g_jax.data import writer
 from d2g_jax.data.prompts import load_prompts
 from d2g_jax.teacher import Teacher, encode_tokens, load_teacher
 
@@ -218,26 +219,6 @@ def _expected_config(config, meta: dict, prompts: list[str], shape) -> dict:
       "prompts_sha256": pairs_lib.prompts_sha256(prompts)}))
 
 
-def _existing(out_dir: str, expected: dict) -> dict | None:
-  """The folder's manifest if this config already completed it; None if there is nothing
-  or work is left (a shard and its sidecar deleted, say); raises if another config
-  made it, listing the differences."""
-  path = os.path.join(out_dir, fmt.MANIFEST)
-  if not os.path.exists(path):
-    return None
-  manifest = fmt.read_manifest(out_dir)
-  found = {k: manifest["config"].get(k) for k in expected}
-  pairs_lib._check_config(path, found, expected)
-  if manifest["status"] != "complete":
-    return None
-  for s in range(manifest["num_shards"]):
-    info = fmt.read_sidecar(out_dir, s, manifest["num_shards"])
-    if info is None:
-      return None
-    fmt.check_shard(out_dir, info, "size")
-  return manifest
-
-
 def run_pairs(config) -> dict:
   """The pairs stage: `config.pairs.*` prompts -> (z, c, x) shards in `config.pairs.out_dir`.
 
@@ -262,7 +243,8 @@ def run_pairs(config) -> dict:
         f"{meta['resolution'][0]}x{meta['resolution'][1]} px = latents {shape}; "
         f"global batch {c.batch_size}, {num_shards} shards of {c.shard_size} -> {out_dir}")
 
-  done = _existing(out_dir, _expected_config(config, meta, prompts, shape))
+  done = writer.existing_manifest(out_dir, fmt.PAIRS,
+                                 _expected_config(config, meta, prompts, shape))
   if done is not None:
     print(f"[pairs] {out_dir} is already complete ({done['num_examples']} pairs); nothing to do")
     return done
