@@ -26,7 +26,6 @@ so the fp32 embeddings can always be recomputed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from typing import Callable, Sequence
@@ -35,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2g_jax import sampling
+from d2g_jax import files, sampling
 from d2g_jax.data import pairs as pairs_lib
 from d2g_jax.data import shards as fmt
 from d2g_jax.data import writer
@@ -44,10 +43,6 @@ from d2g_jax.teacher import Teacher, encode_tokens, load_teacher
 
 EMBED_DTYPE = jnp.float16  # stored text embeddings (see the module docstring)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Files up to this size are fingerprinted by content (configs, tokenizers), larger ones
-# (weights) by name and size: a changed config or a swapped checkpoint changes it, and
-# hashing gigabytes of weights at every start is avoided.
-FINGERPRINT_CONTENT_BYTES = 8 << 20
 FINGERPRINT_PARTS = ("model_index.json", "scheduler", "unet", "text_encoder", "tokenizer",
                      "text_encoder_2", "tokenizer_2")
 
@@ -163,20 +158,8 @@ def teacher_fns(teacher: Teacher, *, guidance_scale: float, num_steps: int, eta:
 
 # ------------------------------------------------------------------ the stage
 def teacher_fingerprint(path: str) -> str:
-  """sha256 over the pipeline parts the pair stage uses: small files by content,
-  weights by name and size (see FINGERPRINT_CONTENT_BYTES)."""
-  h = hashlib.sha256()
-  for part in FINGERPRINT_PARTS:
-    top = os.path.join(path, part)
-    files = [top] if os.path.isfile(top) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs)
-    for file in files:
-      rel, size = os.path.relpath(file, path), os.path.getsize(file)
-      h.update(f"{rel}\0{size}\0".encode())
-      if size <= FINGERPRINT_CONTENT_BYTES:
-        with open(file, "rb") as fh:
-          h.update(hashlib.sha256(fh.read()).digest())
-  return h.hexdigest()
+  """sha256 over the pipeline parts the pair stage uses (`files.fingerprint`)."""
+  return files.fingerprint(path, FINGERPRINT_PARTS)
 
 
 def _prompts(config) -> list[str]:
