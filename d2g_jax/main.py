@@ -7,10 +7,10 @@
 Kept short on purpose: flags in, `run.run(config)` out. See configs/ for every option.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from d2g_jax import run
+from d2g_jax import log, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -19,8 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # Orbax logs every step at INFO
-    logging.set_verbosity(logging.WARNING)
+  # Our logger on process 0; Orbax's / grain's INFO narration dropped unless asked for.
+  log.setup(filter_libraries=not flags.FLAGS["verbosity"].present)
   run.run(_CONFIG.value)
 
 

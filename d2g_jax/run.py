@@ -76,6 +76,8 @@ def run(config: ml_collections.ConfigDict):
   if config.distributed:
     import jax
     jax.distributed.initialize()  # reads the cluster (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS)
+    from d2g_jax import log
+    log.setup(process_index=jax.process_index())  # process 0 logs INFO, the others warnings
     print(f"[run] process {jax.process_index()} of {jax.process_count()}, "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
   os.makedirs(config.workdir, exist_ok=True)

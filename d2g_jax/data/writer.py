@@ -27,11 +27,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
-from d2g_jax import parallel
+from d2g_jax import log, parallel
 from d2g_jax.data import shards as fmt
+
+logger = log.get_logger(__name__)
 
 # load_fn(indices, rows) -> (stored, inputs), on the host:
 #   stored: {name: one value per index} (int, float, str or numpy array), kept in the records;
@@ -341,8 +342,8 @@ def write_shards(out_dir: str, num_examples: int, load_fn: LoadFn, compute_fn: C
   b = parallel.local_batch_size(batch_size, mesh)
   num_shards = -(-n // shard_size)
   if shard_size % b and num_shards > 1:
-    logging.warning("shard_size %d is not a multiple of the per-host batch %d: the last batch "
-                    "of every shard is padded.", shard_size, b)
+    logger.warning("shard_size %d is not a multiple of the per-host batch %d: the last batch "
+                   "of every shard is padded.", shard_size, b)
 
   sharding = parallel.batch_sharding(mesh)
   params = jax.tree.map(
@@ -369,9 +370,9 @@ def write_shards(out_dir: str, num_examples: int, load_fn: LoadFn, compute_fn: C
     num_steps = int(np.max(multihost_utils.process_allgather(np.int64(num_steps))))
   total = sum(hi - lo for lo, hi in (shard_range(s, shard_size, n) for s in mine))
   left = sum(c.stop - c.start for c in chunks)
-  logging.info("%s: %d examples in %d shards of %d; this host owns %d shards (%d to do); "
-               "%d steps of global batch %d", layout.prefix, n, num_shards, shard_size,
-               len(mine), len(todo), num_steps, batch_size)
+  logger.info("%s: %d examples in %d shards of %d; this host owns %d shards (%d to do); "
+              "%d steps of global batch %d", layout.prefix, n, num_shards, shard_size,
+              len(mine), len(todo), num_steps, batch_size)
 
   from tqdm import tqdm
   bar = tqdm(total=total, initial=total - left, unit=layout.unit, smoothing=0.1,
