@@ -6,6 +6,9 @@ Stages (config.stages, comma-separated, run in the order given):
   roundtrip     teacher UNet: diffusers -> Flax -> Orbax -> diffusers, checked bit-exact,
                 and Flax vs diffusers outputs compared on random inputs (needs the torch extra)
   pairs         the teacher's DDIM+CFG solutions as (z, c, x) ArrayRecord shards
+  latent_cache  images and BAPPS 2AFC triplets -> VAE latents (ArrayRecord shards), for:
+  latent_vgg_train      the latent VGG16-BN trunk trained to classify latents (E-LatentLPIPS)
+  latent_vgg_calibrate  its LPIPS heads calibrated on BAPPS 2AFC judgments -> the loss weights
 """
 
 from __future__ import annotations
@@ -50,6 +53,24 @@ def pairs(config):
   return teacher_pairs.run_pairs(config)
 
 
+@stage("latent_cache")
+def latent_cache(config):
+  from d2g_jax.data import latent_cache as latent_cache_lib
+  return latent_cache_lib.run_latent_cache(config)
+
+
+@stage("latent_vgg_train")
+def latent_vgg_train(config):
+  from d2g_jax.train import latent_vgg
+  return latent_vgg.run_train(config)
+
+
+@stage("latent_vgg_calibrate")
+def latent_vgg_calibrate(config):
+  from d2g_jax.train import latent_vgg_calibrate as calibrate
+  return calibrate.run_calibrate(config)
+
+
 def parse_stages(spec: str) -> list[str]:
   names = [s.strip() for s in spec.split(",") if s.strip()]
   unknown = [n for n in names if n not in STAGES]
@@ -67,6 +88,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.teacher.path = os.path.join(config.workdir, "teacher")
   if not config.pairs.out_dir:
     config.pairs.out_dir = os.path.join(config.workdir, "pairs")
+  if not config.latent_vgg.out_dir:
+    config.latent_vgg.out_dir = os.path.join(config.workdir, "latent_vgg")
+  if not config.latent_vgg.vae:
+    config.latent_vgg.vae = os.path.join(config.teacher.path, "vae")
   return config
 
 

@@ -33,7 +33,7 @@ from d2g_jax import files
 from d2g_jax.data import shards as fmt
 from d2g_jax.data import writer
 from d2g_jax.data.images import resize_center_crop
-from d2g_jax.models.vae import AutoencoderKL
+from d2g_jax.models.vae import AutoencoderKL, VAEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PREPROCESS = "RGB; shorter side to image_size (Pillow bicubic, antialiased); central square"
@@ -61,13 +61,24 @@ def encoder_params(params: Any) -> dict:
   return {k: v for k, v in params.items() if k in ("encoder", "quant_conv")}
 
 
-def vae_meta(vae_path: str, vae: AutoencoderKL) -> dict[str, Any]:
-  cfg = vae.config
+def vae_meta(vae_path: str, cfg: VAEConfig, dtype: str) -> dict[str, Any]:
+  """What identifies the encoder of a cache: the VAE folder's fingerprint, dtype, scaling."""
   return {"path": os.path.abspath(vae_path), "fingerprint": files.fingerprint(vae_path),
-          "dtype": jnp.dtype(vae.dtype).name, "latent_channels": cfg.latent_channels,
+          "dtype": dtype, "latent_channels": cfg.latent_channels,
           "downscale": cfg.downscale, "scaling_factor": cfg.scaling_factor,
           "shift_factor": cfg.shift_factor, "latents_mean": cfg.latents_mean,
           "latents_std": cfg.latents_std, "scaling": SCALING}
+
+
+def cache_config(meta: dict, source, image_size: int, num: int, dtype: str) -> dict[str, Any]:
+  """The manifest config of a cache (the writer adds counts, shard size and record layout)."""
+  n = len(source)
+  config = {"meta": meta, "source": source.description(), "image_size": int(image_size),
+            "preprocess": PREPROCESS, "latent_dtype": dtype,
+            "selection": "all" if num in (-1, n) else f"i * {n} // {num}"}
+  if hasattr(source, "class_names"):
+    config["class_names"] = list(source.class_names)
+  return config
 
 
 def _threaded(workers: int) -> Callable[[Callable, Sequence], list]:
@@ -105,7 +116,8 @@ def write_image_latents(out_dir: str, images, vae: AutoencoderKL, vae_params: An
   """Caches the latents of `images` (an `images.open_images` source) in `out_dir`.
 
   `meta`: JSON-able description (the VAE: `vae_meta`); with the source's description,
-  the class names, size, dtype and selection it is the config a resume must match.
+  the class names, size, dtype and selection (`cache_config`) it is the config a resume
+  must match.
   Returns the manifest.
   """
   if dtype not in DTYPES:
@@ -118,10 +130,7 @@ def write_image_latents(out_dir: str, images, vae: AutoencoderKL, vae_params: An
     image, value, key = images.item(sel[j])
     return {target: value, "key": key}, {"image": resize_center_crop(image, image_size)}
 
-  config = {"meta": meta, "source": images.description(), "image_size": int(image_size),
-            "preprocess": PREPROCESS, "selection": "all" if num in (-1, len(images)) else
-            f"i * {len(images)} // {num}", "class_names": list(images.class_names),
-            "latent_dtype": dtype}
+  config = cache_config(meta, images, image_size, num, dtype)
   return _write(out_dir, len(sel), load_one,
                 functools.partial(_image_compute, vae, DTYPES[dtype]),
                 vae_params=vae_params, config=config, batch_size=batch_size,
@@ -151,9 +160,7 @@ def write_bapps_latents(out_dir: str, triplets, vae: AutoencoderKL, vae_params: 
     return ({"distortion": dist, "key": key, "judge": judge},
             {"ref": crop(ref), "p0": crop(p0), "p1": crop(p1)})
 
-  config = {"meta": meta, "source": triplets.description(), "image_size": int(image_size),
-            "preprocess": PREPROCESS, "selection": "all" if num in (-1, len(triplets)) else
-            f"i * {len(triplets)} // {num}", "latent_dtype": dtype}
+  config = cache_config(meta, triplets, image_size, num, dtype)
   return _write(out_dir, len(sel), load_one,
                 functools.partial(_triplet_compute, vae, DTYPES[dtype]),
                 vae_params=vae_params, config=config, batch_size=batch_size,

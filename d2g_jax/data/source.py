@@ -59,8 +59,9 @@ class ShardSource:
                              "inconsistent")
       expected += info["num_records"]
     if expected != m["num_examples"] or len(infos) != m["num_shards"]:
-      raise fmt.ShardError(f"{path}: {len(infos)} shards with {expected} {layout.unit}s; the manifest "
-                           f"announces {m['num_shards']} shards with {m['num_examples']}")
+      raise fmt.ShardError(f"{path}: {len(infos)} shards with {expected} {layout.unit}s; the "
+                           f"manifest announces {m['num_shards']} shards with "
+                           f"{m['num_examples']}")
     for info in infos:
       fmt.check_shard(folder, info, verify, layout)
     self._paths = [os.path.join(folder, i["name"]) for i in infos]
