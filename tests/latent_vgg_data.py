@@ -113,9 +113,9 @@ def tiny_config(workdir: str, vae: str, images: str, bapps: str | None = None):
   lv.cache.batch_size = lv.cache.shard_size = 8
   lv.cache.workers = 2
   t = lv.train
-  t.head, t.batch_size, t.epochs, t.optimizer, t.lr = "linear", 8, 3, "adamw", 0.02
-  t.weight_decay, t.augment = 0.0, "b"
-  t.log_every, t.eval_every, t.checkpoint_every, t.eval_batch_size = 2, 100, 3, 8
+  t.head, t.batch_size, t.epochs, t.optimizer, t.lr = "linear", 8, 10, "adamw", 0.02
+  t.weight_decay, t.augment, t.bn_momentum = 0.0, "b", 0.5  # running stats settle in 20 steps
+  t.log_every, t.eval_every, t.checkpoint_every, t.eval_batch_size = 5, 100, 5, 8
   cal = lv.calibrate
   cal.batch_size, cal.epochs, cal.decay_epochs, cal.lr = 8, 3, 2, 0.01
   cal.feature_batch_size = 8

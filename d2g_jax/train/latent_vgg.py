@@ -123,7 +123,7 @@ def train_step(model: LatentVGGClassifier, tx, policy: str, augment_p: float, se
   new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
          "batch_stats": batch_stats, "opt_state": opt_state}
   out = {"loss": loss, "top1": jnp.mean(jnp.argmax(logits, -1) == labels),
-         "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+         "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
   return new, out
 
 
