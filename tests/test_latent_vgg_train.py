@@ -36,39 +36,49 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2))))
 
 
-def _small_head_vgg16_bn(pretrained=False):
-  """torchvision's VGG16-BN with a small classifier (hidden 16, 3 classes) in the same layout."""
-  from torchvision.models import vgg
-  model = vgg.VGG(vgg.make_layers(vgg.cfgs["D"], batch_norm=True), init_weights=False)
-  model.classifier = torch.nn.Sequential(
-      torch.nn.Linear(512 * 7 * 7, HIDDEN), torch.nn.ReLU(True), torch.nn.Dropout(0.0),
-      torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(True), torch.nn.Dropout(0.0),
-      torch.nn.Linear(HIDDEN, CLASSES))
-  return model
+class _SmallHeadVGG16BN(torch.nn.Module):
+  """torchvision's VGG16-BN (the same `features`, `avgpool`, `classifier` and forward) with a
+  small classifier: hidden 16, 3 classes (torchvision's own would allocate 120M weights)."""
+
+  def __init__(self, pretrained=False):
+    super().__init__()
+    from torchvision.models import vgg
+    self.features = vgg.make_layers(vgg.cfgs["D"], batch_norm=True)
+    self.avgpool = torch.nn.AdaptiveAvgPool2d((7, 7))
+    self.classifier = torch.nn.Sequential(
+        torch.nn.Linear(512 * 7 * 7, HIDDEN), torch.nn.ReLU(True), torch.nn.Dropout(0.0),
+        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(True), torch.nn.Dropout(0.0),
+        torch.nn.Linear(HIDDEN, CLASSES))
+
+  def forward(self, x):
+    return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 @pytest.fixture
 def small_head(monkeypatch):
   """The official package builds its trunk from tv.vgg16_bn(): give it the small head."""
-  monkeypatch.setattr(official_vgg16.tv, "vgg16_bn", _small_head_vgg16_bn)
+  monkeypatch.setattr(official_vgg16.tv, "vgg16_bn", _SmallHeadVGG16BN)
 
 
 def _random_classifier(seed=0):
-  """A full-width classifier (torchvision head, small) with random batch-norm statistics."""
+  """A full-width classifier (torchvision head, small) with random weights and batch-norm
+  statistics, drawn with numpy (no compiled init pass)."""
   model = LatentVGGClassifier(VGGConfig.latent(4), CLASSES, head="vgg", hidden=HIDDEN,
                               dropout=0.0)
-  variables = jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 4)),
-                                         train=True))()
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)),
+                                             train=True))
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(np.asarray, variables["params"])
-  stats = jax.tree.map(np.asarray, variables["batch_stats"])
-  for name in stats["net"]:
-    n = stats["net"][name]["mean"].shape[0]
-    params["net"][name] = {"scale": 0.5 + rng.random(n, np.float32),
-                           "bias": 0.1 * rng.standard_normal(n).astype(np.float32)}
-    stats["net"][name] = {"mean": 0.1 * rng.standard_normal(n).astype(np.float32),
-                          "var": 0.5 + rng.random(n, np.float32)}
-  return model, params, stats
+
+  def draw(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      return (rng.standard_normal(s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))).astype(
+          np.float32)
+    base = {"scale": 0.5, "var": 0.5}.get(name, 0.0)
+    return (base + (rng.random(s.shape) if base else 0.1 * rng.standard_normal(s.shape))
+            ).astype(np.float32)
+  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  return model, variables["params"], variables["batch_stats"]
 
 
 def test_adaptive_pool_matches_torch():

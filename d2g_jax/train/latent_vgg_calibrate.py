@@ -70,14 +70,14 @@ def pair_features(module: LPIPS, net_params, ref, p0, p1) -> tuple[jax.Array, ja
   return jnp.concatenate(f0, -1), jnp.concatenate(f1, -1)
 
 
-def extract(module: LPIPS, net_params, data: source.ShardSource, batch_size: int, mesh
+def extract(fn, net_params, data: source.ShardSource, batch_size: int, mesh
             ) -> dict[str, np.ndarray]:
-  """{"f0", "f1" (NxF float32), "judge" (N), "distortion" (N str)} of a cached BAPPS split.
+  """{"f0", "f1" (NxF float32), "judge" (N), "distortion" (N str)} of a cached BAPPS split;
+  `fn` is the jitted `pair_features` of the module.
 
   Each host computes its rows of every global batch; the result is gathered on every host.
   """
   b = parallel.local_batch_size(batch_size, mesh)
-  fn = jax.jit(functools.partial(pair_features, module))
   shape = data[0]["ref"].shape
   base = jax.process_index() * b
   f0s, f1s = [], []
@@ -103,14 +103,14 @@ def extract(module: LPIPS, net_params, data: source.ShardSource, batch_size: int
           "judge": np.asarray(judge, np.float32), "distortion": np.asarray(dist)}
 
 
-def _features(module, net_params, split_dir, path, tag, batch_size, mesh) -> dict:
+def _features(fn, net_params, split_dir, path, tag, batch_size, mesh) -> dict:
   """The features of a split, from `path` when it holds this `tag` (trunk + cache), else
   computed and saved (process 0, atomically)."""
   if os.path.isfile(path):
     with np.load(path, allow_pickle=False) as z:
       if str(z["tag"]) == tag:
         return {k: z[k] for k in ("f0", "f1", "judge", "distortion")}
-  feats = extract(module, net_params, source.ShardSource(split_dir), batch_size, mesh)
+  feats = extract(fn, net_params, source.ShardSource(split_dir), batch_size, mesh)
   if jax.process_index() == 0:
     files.atomic_write(path, lambda tmp: _savez(tmp, tag=np.asarray(tag), **feats))
   return feats
@@ -230,7 +230,8 @@ def run_calibrate(config) -> dict:
   run_config.ensure(p["calibrate"], rc, ignore=RESTART_IGNORE, process_index=jax.process_index())
   start_time = time.time()
   net = jax.device_put(lpips_params["net"], parallel.replicated(mesh))
-  feats = {s: _features(module, net, p[f"bapps_{s}"],
+  features_fn = jax.jit(functools.partial(pair_features, module))
+  feats = {s: _features(features_fn, net, p[f"bapps_{s}"],
                         os.path.join(p["calibrate"], f"features_{s}.npz"),
                         sha256_json([rc["trunk"], rc["caches"][s]]), c.feature_batch_size, mesh)
            for s in BAPPS_SPLITS}
