@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
+    "pillow==13.0.0",  # decoding and resizing images for the latent caches
 ]
 
 # PyTorch is a reference and conversion tool, never the training runtime.

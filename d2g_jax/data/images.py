@@ -111,25 +111,10 @@ class TfdsImages:
 
   def __init__(self, name: str, split: str, *, data_dir: str | None = None,
                image_key: str = "image", label_key: str = "label", caption_key: str = ""):
-    from d2g_jax.data.prompts import _import_tfds, _lookup
-    tfds = _import_tfds()
-    from tensorflow_datasets.core import read_only_builder
+    from d2g_jax.data.prompts import _lookup, open_tfds
     self._lookup = _lookup
-    where = f"{name} in data_dir {data_dir!r}" if data_dir else f"{name} in tfds's default data_dir"
-    try:
-      builder = read_only_builder.builder_from_files(name, data_dir=data_dir)
-    except Exception as e:  # DatasetNotFoundError and friends
-      raise FileNotFoundError(
-          f"no prepared tfds dataset {where}: {e}\nPrepare it once in the array_record format, "
-          f"e.g. `tfds build {name.split('/')[0]} --file_format=array_record"
-          f"{' --data_dir=' + data_dir if data_dir else ''}`.") from e
+    tfds, builder, self._source, self.desc = open_tfds(name, split, data_dir, ImageSourceError)
     features = builder.info.features
-    self.desc = f"tfds dataset {builder.info.full_name} split {split!r} ({builder.data_dir})"
-    formats = sorted(str(getattr(f, "value", f)) for f in builder.info.available_file_formats())
-    if "array_record" not in formats:
-      raise ImageSourceError(f"{self.desc} is stored as {formats}; reading it without "
-                             "TensorFlow needs the array_record format. Prepare it again with "
-                             "--file_format=array_record.")
     if image_key not in features or not isinstance(features[image_key], tfds.features.Image):
       raise ImageSourceError(f"{self.desc}: no Image feature {image_key!r}; features are "
                              f"{sorted(features)}. Set image_key.")
@@ -143,14 +128,6 @@ class TfdsImages:
       self.class_names = list(feature.names)
     else:
       self.class_names = []
-    skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
-            if isinstance(f, (tfds.features.Image, tfds.features.Video))}
-    try:
-      self._source = builder.as_data_source(split=split, decoders=skip)
-    except (KeyError, ValueError) as e:
-      raise ImageSourceError(f"cannot open {self.desc}: {e}") from e
-    if len(self._source) == 0:
-      raise ImageSourceError(f"{self.desc} is empty")
     self.name, self.split, self.data_dir = builder.info.full_name, split, str(builder.data_dir)
     self._has_file_name = "file_name" in features
 
