@@ -127,6 +127,23 @@ def test_classifier_matches_torchvision_and_exports(small_head, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, lp["net"], merged["net"])
 
 
+def test_16_channel_classifier_exports_to_the_official_layout(small_head, tmp_path):
+  """SD3 / Flux latents (16 channels): the exported file loads strictly into the package's
+  LatentVGG16BN(16)."""
+  model = LatentVGGClassifier(VGGConfig.latent(16), CLASSES, head="vgg", hidden=HIDDEN)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 16)),
+                                             train=True))
+  v = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  merged = {**v["params"], "net": merge_batch_stats(v["params"]["net"], v["batch_stats"]["net"])}
+  path = convert_lpips.export_classifier(model, merged, str(tmp_path), "sd3", best_acc1=0.0,
+                                         epoch=0)
+  state = torch.load(path, weights_only=True)["state_dict"]
+  official_vgg16.LatentVGG16BN(16).load_state_dict(state)  # strict
+  with pytest.raises(convert_lpips.ConversionError, match="official layout exists for"):
+    convert_lpips.export_classifier(model, merged, str(tmp_path), "my_vae", best_acc1=0.0,
+                                    epoch=0)
+
+
 def test_calibration_objective_and_scores():
   # LPIPS's schedule: lr for `epochs`, then lr (1 - k / decay_epochs) in decay epoch k.
   c = type("C", (), {"lr": 1.0, "epochs": 2, "decay_epochs": 4})
