@@ -18,7 +18,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
-    "pillow==13.0.0",  # decoding and resizing images for the latent caches
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow (train/metrics.py)
+    "pillow==13.0.0",       # PNG of image summaries and sample grids; images of latent caches
 ]
 
 # PyTorch is a reference and conversion tool, never the training runtime.
@@ -37,6 +38,7 @@ TEST = TORCH + TFDS + [
     "lpips==0.1.4",        # official pixel LPIPS, a test-only numerical reference
     "setuptools<81",       # elatentlpips imports pkg_resources
     "matplotlib>=3.8",
+    "tensorboard==2.21.0",  # reads the event files back in tests (and views them)
 ]
 
 setup(

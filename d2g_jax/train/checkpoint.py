@@ -10,6 +10,7 @@ Layout (Orbax CheckpointManager, step-numbered folders straight under `directory
     <directory>/<step>/state    the state pytree (OCDBT; each host writes its own shards)
     <directory>/<step>/data     grain iterator state, one JSON file per host (optional)
     <directory>/<step>/config   a JSON dict, e.g. the run's config (optional)
+`directory` may be a local (shared) path or a cloud URL Orbax supports (gs://...).
 
 Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it when every item and
 host is done, so a step folder is always complete: a save killed half-way leaves only the
@@ -30,6 +31,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from d2g_jax import log
 
@@ -61,7 +63,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    directory = os.fspath(directory)  # a local path, or a cloud URL such as gs://bucket/run
+    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
@@ -102,11 +105,11 @@ class Checkpointer:
     # previous save is still writing. Orbax waits for that save to finish first.
     return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-  def _step_dir(self, step: int) -> str:
+  def _step_dir(self, step: int) -> epath.Path:
     if step not in self._manager.all_steps():
       raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory}; "
                               f"complete steps: {self.all_steps() or 'none'}")
-    return os.path.join(self.directory, str(step))
+    return self.directory / str(step)
 
   def restore(self, step: int, abstract_state: Any,
               data_iterator: grain.DatasetIterator | None = None) -> Any:
@@ -117,7 +120,7 @@ class Checkpointer:
     folder = self._step_dir(step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      if not os.path.isdir(os.path.join(folder, "data")):
+      if not (folder / "data").is_dir():
         raise FileNotFoundError(f"checkpoint {folder} has no data iterator state ('data' "
                                 f"folder); it was saved without data_iterator")
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -132,7 +135,7 @@ class Checkpointer:
 
   def config(self, step: int) -> dict | None:
     """The config dict saved with `step`, or None if none was saved."""
-    if not os.path.isdir(os.path.join(self._step_dir(step), "config")):
+    if not (self._step_dir(step) / "config").is_dir():
       return None
     return self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
