@@ -81,6 +81,21 @@ def _random_classifier(seed=0):
   return model, variables["params"], variables["batch_stats"]
 
 
+def test_imagenet_config():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "latent_vgg_imagenet.py")
+  spec = importlib.util.spec_from_file_location("latent_vgg_imagenet", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.__doc__.split("\n\n")[1].strip().startswith(
+      "python -m d2g_jax.main --config configs/latent_vgg_imagenet.py")
+  config = mod.get_config()
+  assert run.parse_stages(config.stages) == ["latent_cache", "latent_vgg_train",
+                                             "latent_vgg_calibrate"]
+  assert tuple(config.latent_vgg.widths) == WIDTHS and config.latent_vgg.train.head == "vgg"
+  assert config.latent_vgg.cache.train == "tfds:imagenet2012/train"
+
+
 def test_adaptive_pool_matches_torch():
   for size in (1, 4, 7, 9):
     x = np.random.default_rng(size).standard_normal((1, 3, size, size)).astype(np.float32)

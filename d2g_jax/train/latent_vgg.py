@@ -57,6 +57,9 @@ READ = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 # ------------------------------------------------------------------ building
 def make_model(lv, num_classes: int) -> LatentVGGClassifier:
   t = lv.train
+  if lv.encoder not in ENCODERS:
+    raise ValueError(f"config.latent_vgg.encoder={lv.encoder!r}; expected one of "
+                     f"{sorted(ENCODERS)} (the latent family the weights are for)")
   if t.head not in HEADS:
     raise ValueError(f"config.latent_vgg.train.head={t.head!r}; expected one of {HEADS}")
   if t.dtype not in DTYPES:
