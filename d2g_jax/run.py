@@ -9,11 +9,14 @@ Stages (config.stages, comma-separated, run in the order given):
   train         Diffusion2GAN distillation: G (one UNet step) vs the multi-scale
                 conditional D, E-LatentLPIPS regression; resumable Orbax checkpoints
   export        the trained generator (EMA) as a diffusers pipeline folder + Orbax copy
+  eval          the paper's metrics table: FID, CLIP score, fidelity, diversity per row
+                (teacher N-step, student one-step), samples resumable like pairs
+  latent_cache  images and BAPPS 2AFC triplets -> VAE latents (ArrayRecord shards), for:
+  latent_vgg_train      the latent VGG16-BN trunk trained to classify latents (E-LatentLPIPS)
+  latent_vgg_calibrate  its LPIPS heads calibrated on BAPPS 2AFC judgments -> the loss weights
 
 The whole run holds a lock on the workdir (and the pairs stage on its output folder):
 a second run on the same folder refuses at once, naming the first.
-  eval          the paper's metrics table: FID, CLIP score, fidelity, diversity per row
-                (teacher N-step, student one-step), samples resumable like pairs
 """
 
 from __future__ import annotations
@@ -85,6 +88,24 @@ def evaluate(config):
   return eval_stage.run_eval(config)
 
 
+@stage("latent_cache")
+def latent_cache(config):
+  from d2g_jax.data import latent_cache as latent_cache_lib
+  return latent_cache_lib.run_latent_cache(config)
+
+
+@stage("latent_vgg_train")
+def latent_vgg_train(config):
+  from d2g_jax.train import latent_vgg
+  return latent_vgg.run_train(config)
+
+
+@stage("latent_vgg_calibrate")
+def latent_vgg_calibrate(config):
+  from d2g_jax.train import latent_vgg_calibrate as calibrate
+  return calibrate.run_calibrate(config)
+
+
 def parse_stages(spec: str) -> list[str]:
   names = [s.strip() for s in spec.split(",") if s.strip()]
   unknown = [n for n in names if n not in STAGES]
@@ -110,6 +131,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.export.orbax_dir = os.path.join(config.workdir, "export_orbax")
   if not config.eval.out_dir:
     config.eval.out_dir = os.path.join(config.workdir, "eval")
+  if not config.latent_vgg.out_dir:
+    config.latent_vgg.out_dir = os.path.join(config.workdir, "latent_vgg")
+  if not config.latent_vgg.vae:
+    config.latent_vgg.vae = os.path.join(config.teacher.path, "vae")
   config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 

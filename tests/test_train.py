@@ -2,7 +2,6 @@
 diffusers, reruns as no-ops, a changed config refused, exact resume after SIGKILL, and
 the same steps on 1 device and on 8 fake devices (meshes 2x4 and 8x1)."""
 
-import json
 import os
 import signal
 import subprocess
