@@ -41,32 +41,77 @@ PHASE = float(2.0 * np.dot(np.arange(_TAPS), SYM6) - 2 * _LAG) / 2.0
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _filter_along(x_BxHxWxC: jax.Array, axis: int, up: bool) -> jax.Array:
-  """2x upsampling (`up`) or 2x downsampling along `axis` (1 = H, 2 = W), depthwise, fp32."""
-  C = x_BxHxWxC.shape[-1]
-  shape = (_TAPS, 1, 1, C) if axis == 1 else (1, _TAPS, 1, C)
-  taps = SYM6[::-1] * 2 if up else SYM6  # correlation kernels (lax convs correlate)
-  kernel = jnp.asarray(np.broadcast_to(taps.reshape(shape[:2] + (1, 1)), shape), jnp.float32)
-  one, two = (1, 1), (2, 1) if axis == 1 else (1, 2)
-  pad = (_TAPS - 1 - _LAG, _LAG + 1) if up else (0, 0)
-  padding = (pad, (0, 0)) if axis == 1 else ((0, 0), pad)
-  return jax.lax.conv_general_dilated(
-      x_BxHxWxC, kernel, window_strides=one if up else two, padding=padding,
-      lhs_dilation=two if up else one, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=C, precision=_HI)
+def _taps(x: jax.Array, axis: int, weights, starts, length: int) -> jax.Array:
+  """sum_i weights[i] * x[starts[i] : starts[i] + length] along `axis` (static slices: XLA fuses
+  them into one loop, where a depthwise or dilated convolution runs ~100x slower on CPU)."""
+  out = 0.0
+  for w, s in zip(weights, starts):
+    out = out + float(w) * jax.lax.slice_in_dim(x, s, s + length, axis=axis)
+  return out
 
 
+def _up_along(x: jax.Array, axis: int, ext: int = 0) -> jax.Array:
+  """2x upsampling along `axis` (n -> 2n + 4 ext): 2x sample j, for j in [-2 ext, 2n + 2 ext),
+  is the sum over 2k + t - _LAG = j of 2 SYM6[t] x[k], x zero outside."""
+  n = x.shape[axis]
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (3 + ext, 3 + ext)
+  xp = jnp.pad(x, pad)
+  # Even samples 2m read x[m + (_LAG - t) / 2] for odd t, odd samples x[m + (_LAG + 1 - t) / 2].
+  length = n + 2 * ext
+  even = _taps(xp, axis, 2 * SYM6[1::2], [3 + (_LAG - t) // 2 for t in range(1, _TAPS, 2)], length)
+  odd = _taps(xp, axis, 2 * SYM6[0::2], [3 + (_LAG + 1 - t) // 2 for t in range(0, _TAPS, 2)],
+              length)
+  y = jnp.stack([even, odd], axis=axis + 1)
+  return y.reshape(x.shape[:axis] + (2 * length,) + x.shape[axis + 1:])
+
+
+def _down_along(z: jax.Array, axis: int) -> jax.Array:
+  """2x downsampling along `axis` (length 2n + 2 EXTRA -> n): out[m] = sum_t SYM6[t] z[2m + t]."""
+  n = (z.shape[axis] - 2 * EXTRA) // 2
+  phases = z.reshape(z.shape[:axis] + (n + EXTRA, 2) + z.shape[axis + 1:])
+  out = 0.0
+  for r in (0, 1):
+    phase = jax.lax.index_in_dim(phases, r, axis=axis + 1, keepdims=False)
+    out = out + _taps(phase, axis, SYM6[r::2], range(_TAPS // 2), n)
+  return out
+
+
+# Each filter's adjoint is the other one (up to the gain and the frame): written out, so that
+# gradients run as fast as the forward pass (XLA:CPU's transpose of strided slices is ~100x
+# slower than the slices).
+def _up_adjoint(y: jax.Array, axis: int) -> jax.Array:
+  pad = [(0, 0)] * y.ndim
+  pad[axis] = (EXTRA, EXTRA)
+  return 2.0 * _down_along(jnp.pad(y, pad), axis)
+
+
+def _down_adjoint(out: jax.Array, axis: int) -> jax.Array:
+  n = out.shape[axis]  # 2x samples -6 .. 2n + 5, of which -EXTRA .. 2n + EXTRA - 1 are wanted
+  return 0.5 * jax.lax.slice_in_dim(_up_along(out, axis, ext=3), 1, 2 * n + 11, axis=axis)
+
+
+@jax.custom_vjp
 def upsample2x(x_BxHxWxC: jax.Array) -> jax.Array:
   """(B, H, W, C) -> (B, 2H, 2W, C): zero-stuffing and the sym6 filter (gain 4); zeros outside."""
-  return _filter_along(_filter_along(x_BxHxWxC, 1, up=True), 2, up=True)
+  return _up_along(_up_along(x_BxHxWxC, 1), 2)
 
 
+upsample2x.defvjp(lambda x: (upsample2x(x), None),
+                  lambda _, g: (_up_adjoint(_up_adjoint(g, 1), 2),))
+
+
+@jax.custom_vjp
 def downsample2x(z_BxHxWxC: jax.Array) -> jax.Array:
   """(B, 2H + 2 EXTRA, 2W + 2 EXTRA, C) -> (B, H, W, C): the adjoint of `upsample2x`, / 4.
 
   Output pixel m reads 2x samples 2m - 5 .. 2m + 6, where 2x sample 0 is input index EXTRA.
   """
-  return _filter_along(_filter_along(z_BxHxWxC, 1, up=False), 2, up=False)
+  return _down_along(_down_along(z_BxHxWxC, 1), 2)
+
+
+downsample2x.defvjp(lambda z: (downsample2x(z), None),
+                    lambda _, g: (_down_adjoint(_down_adjoint(g, 1), 2),))
 
 
 def _bilinear_zeros(img_BxLxMxC: jax.Array, xs_BxN: jax.Array, ys_BxN: jax.Array) -> jax.Array:
