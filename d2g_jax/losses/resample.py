@@ -11,7 +11,7 @@ downsample back. The 2x detour keeps bilinear interpolation from blurring: a pla
 resample at a half-pixel offset averages neighbours (a strong low-pass on noise-like latents).
 
 Conventions here (pinned down against the `elatentlpips` package by black-box measurement,
-`tests/test_augment.py`): the margin is the largest a reflection can give (H - 1 rows, W - 1
+`tests/test_augment_official.py`): the margin is the largest a reflection can give (H - 1 rows, W - 1
 columns), the upsampler spreads input pixel k over 2x samples 2k - 5 .. 2k + 6 with weights
 2 * SYM6, the downsampler is its adjoint (so downsample(upsample(x)) = x: sym6 is orthogonal),
 and whatever falls outside the padded image reads zero. Because sym6 is not symmetric, every
@@ -36,7 +36,7 @@ _TAPS = len(SYM6)
 _LAG = 5   # input pixel k feeds 2x samples 2k - _LAG .. 2k - _LAG + 11
 EXTRA = 5  # 2x samples outside the 2x output grid that the downsampler reads, each side
 # Upsampling a linear ramp k -> k gives (j - PHASE) / 2 at 2x sample j (sym6's group delay).
-PHASE = float(2.0 * np.dot(np.arange(_TAPS), SYM6) - 2 * _LAG) / 2.0
+PHASE = float(np.dot(np.arange(_TAPS), SYM6)) - _LAG
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -97,8 +97,15 @@ def upsample2x(x_BxHxWxC: jax.Array) -> jax.Array:
   return _up_along(_up_along(x_BxHxWxC, 1), 2)
 
 
-upsample2x.defvjp(lambda x: (upsample2x(x), None),
-                  lambda _, g: (_up_adjoint(_up_adjoint(g, 1), 2),))
+def _upsample2x_fwd(x):
+  return upsample2x(x), None
+
+
+def _upsample2x_bwd(_, g):
+  return (_up_adjoint(_up_adjoint(g, 1), 2),)
+
+
+upsample2x.defvjp(_upsample2x_fwd, _upsample2x_bwd)
 
 
 @jax.custom_vjp
@@ -110,8 +117,15 @@ def downsample2x(z_BxHxWxC: jax.Array) -> jax.Array:
   return _down_along(_down_along(z_BxHxWxC, 1), 2)
 
 
-downsample2x.defvjp(lambda z: (downsample2x(z), None),
-                    lambda _, g: (_down_adjoint(_down_adjoint(g, 1), 2),))
+def _downsample2x_fwd(z):
+  return downsample2x(z), None
+
+
+def _downsample2x_bwd(_, g):
+  return (_down_adjoint(_down_adjoint(g, 1), 2),)
+
+
+downsample2x.defvjp(_downsample2x_fwd, _downsample2x_bwd)
 
 
 def _bilinear_zeros(img_BxLxMxC: jax.Array, xs_BxN: jax.Array, ys_BxN: jax.Array) -> jax.Array:
