@@ -91,25 +91,19 @@ def _down_adjoint(out: jax.Array, axis: int) -> jax.Array:
   return 0.5 * jax.lax.slice_in_dim(_up_along(out, axis, ext=3), 1, 2 * n + 11, axis=axis)
 
 
-@jax.custom_vjp
-def upsample2x(x_BxHxWxC: jax.Array) -> jax.Array:
+def _linear_with_adjoint(forward, adjoint):
+  """`forward` (a linear map) with `adjoint` as its backward pass."""
+  fn = jax.custom_vjp(forward)
+  fn.defvjp(lambda x: (fn(x), None), lambda _, g: (adjoint(g),))
+  return fn
+
+
+def _upsample2x(x_BxHxWxC: jax.Array) -> jax.Array:
   """(B, H, W, C) -> (B, 2H, 2W, C): zero-stuffing and the sym6 filter (gain 4); zeros outside."""
   return _up_along(_up_along(x_BxHxWxC, 1), 2)
 
 
-def _upsample2x_fwd(x):
-  return upsample2x(x), None
-
-
-def _upsample2x_bwd(_, g):
-  return (_up_adjoint(_up_adjoint(g, 1), 2),)
-
-
-upsample2x.defvjp(_upsample2x_fwd, _upsample2x_bwd)
-
-
-@jax.custom_vjp
-def downsample2x(z_BxHxWxC: jax.Array) -> jax.Array:
+def _downsample2x(z_BxHxWxC: jax.Array) -> jax.Array:
   """(B, 2H + 2 EXTRA, 2W + 2 EXTRA, C) -> (B, H, W, C): the adjoint of `upsample2x`, / 4.
 
   Output pixel m reads 2x samples 2m - 5 .. 2m + 6, where 2x sample 0 is input index EXTRA.
@@ -117,15 +111,9 @@ def downsample2x(z_BxHxWxC: jax.Array) -> jax.Array:
   return _down_along(_down_along(z_BxHxWxC, 1), 2)
 
 
-def _downsample2x_fwd(z):
-  return downsample2x(z), None
-
-
-def _downsample2x_bwd(_, g):
-  return (_down_adjoint(_down_adjoint(g, 1), 2),)
-
-
-downsample2x.defvjp(_downsample2x_fwd, _downsample2x_bwd)
+upsample2x = _linear_with_adjoint(_upsample2x, lambda g: _up_adjoint(_up_adjoint(g, 1), 2))
+downsample2x = _linear_with_adjoint(_downsample2x,
+                                    lambda g: _down_adjoint(_down_adjoint(g, 1), 2))
 
 
 def _bilinear_zeros(img_BxLxMxC: jax.Array, xs_BxN: jax.Array, ys_BxN: jax.Array) -> jax.Array:
