@@ -37,6 +37,7 @@ TEST = TORCH + TFDS + [
     "pytest==9.2.0",
     "elatentlpips==0.2",   # official E-LatentLPIPS, a test-only numerical reference
     "lpips==0.1.4",        # official pixel LPIPS, a test-only numerical reference
+    "pywavelets==1.9.0",   # checks the sym6 filter constants of the augmentation resample
     "setuptools<81",       # elatentlpips imports pkg_resources
     "matplotlib>=3.8",
     "tensorboard==2.21.0",  # reads the event files back in tests (and views them)
