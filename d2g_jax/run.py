@@ -26,6 +26,9 @@ import time
 from typing import Callable
 
 import ml_collections
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.run")
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict], object]] = {}
 
@@ -42,10 +45,10 @@ def tiny_teacher(config):
   from d2g_jax import tiny
   path = config.teacher.path
   if os.path.isfile(os.path.join(path, "model_index.json")):
-    print(f"[tiny_teacher] {path} already exists; keeping it")
+    _log.info(f"{path} already exists; keeping it")
     return path
   tiny.build(config.teacher.tiny_family, path)
-  print(f"[tiny_teacher] wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
+  _log.info(f"wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
   return path
 
 
@@ -160,8 +163,8 @@ def run(config: ml_collections.ConfigDict):
     jax.distributed.initialize()  # reads the cluster (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS)
     from d2g_jax import log
     log.setup(process_index=jax.process_index())  # process 0 logs INFO, the others warnings
-    print(f"[run] process {jax.process_index()} of {jax.process_count()}, "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+    _log.info(f"process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} local / {jax.device_count()} global devices")
   os.makedirs(config.workdir, exist_ok=True)
   if config.compilation_cache_dir:
     import jax
@@ -170,7 +173,7 @@ def run(config: ml_collections.ConfigDict):
   results = {}
   with _lock(config, config.workdir):
     for name in names:
-      print(f"=== stage {name} ===", flush=True)
+      _log.info(f"=== stage {name} ===")
       start = time.time()
       results[name] = STAGES[name](config)
       _record_seconds(config.workdir, name, time.time() - start)

@@ -2,6 +2,7 @@
 class), the calibration objective, the three stages end to end with exact resume, and the
 official-layout export loaded by the `elatentlpips` package with equal distances."""
 
+import logging
 import os
 import shutil
 import warnings
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import latent_vgg_data as D
-from d2g_jax import run
+from d2g_jax import config_defaults, run
 from d2g_jax.convert import lpips as convert_lpips
 from d2g_jax.losses import perceptual
 from d2g_jax.models.latent_vgg import (LPIPS, WIDTHS, LPIPSConfig, VGGConfig, init_params,
@@ -218,7 +219,7 @@ def trained(tmp_path_factory):
   return root, config, run.run(config)
 
 
-def test_stages_end_to_end(trained, capsys):
+def test_stages_end_to_end(trained, caplog):
   root, config, results = trained
   out = os.path.join(config.workdir, "latent_vgg")
   train = results["latent_vgg_train"]
@@ -231,7 +232,7 @@ def test_stages_end_to_end(trained, capsys):
   assert os.path.isfile(os.path.join(out, "sd15_elatentlpips.safetensors"))
 
   # The distillation stage's loss loads the result (narrow widths from the file's metadata).
-  cfg = perceptual.default_config()
+  cfg = config_defaults.base().loss
   cfg.weights, cfg.name = out, "latent_lpips"
   loss_fn, params = perceptual.loss_from_config(cfg)
   w = np.concatenate([np.asarray(params[f"lin{k}"]["model_1"]["kernel"]).ravel()
@@ -242,9 +243,10 @@ def test_stages_end_to_end(trained, capsys):
 
   # Running again skips every finished stage.
   stamp = os.stat(os.path.join(out, "sd15_elatentlpips.safetensors")).st_mtime_ns
-  capsys.readouterr()
-  run.run(config)
-  log = capsys.readouterr().out
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="d2g_jax"):
+    run.run(config)
+  log = caplog.text
   assert log.count("already complete") == 4 and "already trained" in log
   assert "already calibrated" in log
   assert os.stat(os.path.join(out, "sd15_elatentlpips.safetensors")).st_mtime_ns == stamp
@@ -307,7 +309,7 @@ def test_calibrated_export_loads_in_elatentlpips(trained, small_head, tmp_path):
                                     augment=None, verbose=False).eval()
   finally:
     os.chdir(cwd)
-  cfg = perceptual.default_config()
+  cfg = config_defaults.base().loss
   cfg.weights, cfg.name = str(out), "latent_lpips"
   loss_fn, lp = perceptual.loss_from_config(cfg)
   w = np.asarray(lp["lin3"]["model_1"]["kernel"]).ravel()

@@ -18,6 +18,9 @@ from d2g_jax.data import bapps, images, latents, writer
 from d2g_jax.data import shards as fmt
 from d2g_jax.models.latent_vgg import ENCODERS
 from d2g_jax.models.vae import VAEConfig
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.data.latent_cache")
 
 logger = log.get_logger(__name__)
 BAPPS_SPLITS = ("train", "val")
@@ -78,11 +81,11 @@ def run_latent_cache(config) -> dict[str, dict]:
       src = bapps.TwoAFC(c.bapps, spec)
       size = c.bapps_image_size
     out_dir = p[name]
-    print(f"[latent_cache] {name}: {len(src)} examples from {spec} -> {out_dir}", flush=True)
+    _log.info(f"{name}: {len(src)} examples from {spec} -> {out_dir}")
     expected = latents.cache_config(meta, src, size, num, c.dtype)
     done = writer.existing_manifest(out_dir, fmt.LATENTS, expected)
     if done is not None:
-      print(f"[latent_cache] {name}: already complete ({done['num_examples']} latents)")
+      _log.info(f"{name}: already complete ({done['num_examples']} latents)")
       results[name] = done
       continue
     if vae is None:  # loaded only when there is work
@@ -90,7 +93,7 @@ def run_latent_cache(config) -> dict[str, dict]:
     write = latents.write_image_latents if kind == "images" else latents.write_bapps_latents
     m = write(out_dir, src, vae, vae_params, image_size=size, batch_size=c.batch_size,
               shard_size=c.shard_size, meta=meta, num=num, dtype=c.dtype, workers=c.workers)
-    print(f"[latent_cache] {name}: complete, {m['num_examples']} latents "
-          f"({m['record']}), {m['total_bytes'] / 2**20:.1f} MiB", flush=True)
+    _log.info(f"{name}: complete, {m['num_examples']} latents "
+          f"({m['record']}), {m['total_bytes'] / 2**20:.1f} MiB")
     results[name] = m
   return results

@@ -40,6 +40,9 @@ from d2g_jax.data import shards as fmt
 from d2g_jax.data import writer
 from d2g_jax.data.prompts import load_prompts
 from d2g_jax.teacher import Teacher, encode_tokens, load_teacher
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.data.teacher_pairs")
 
 EMBED_DTYPE = jnp.float16  # stored text embeddings (see the module docstring)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -221,22 +224,22 @@ def run_pairs(config) -> dict:
   prompts = _prompts(config)
   meta = _meta(config, info_only, shape)
   num_shards = -(-len(prompts) // c.shard_size) if c.shard_size > 0 else 0
-  print(f"[pairs] teacher {path} ({info_only.family}, {config.teacher.dtype}); "
+  _log.info(f"teacher {path} ({info_only.family}, {config.teacher.dtype}); "
         f"{len(prompts)} prompts from {c.prompts}")
-  print(f"[pairs] {c.num_steps}-step DDIM (eta {c.eta}), guidance {c.guidance_scale}, "
+  _log.info(f"{c.num_steps}-step DDIM (eta {c.eta}), guidance {c.guidance_scale}, "
         f"{meta['resolution'][0]}x{meta['resolution'][1]} px = latents {shape}; "
         f"global batch {c.batch_size}, {num_shards} shards of {c.shard_size} -> {out_dir}")
 
   done = writer.existing_manifest(out_dir, fmt.PAIRS,
                                  _expected_config(config, meta, prompts, shape))
   if done is not None:
-    print(f"[pairs] {out_dir} is already complete ({done['num_examples']} pairs); nothing to do")
+    _log.info(f"{out_dir} is already complete ({done['num_examples']} pairs); nothing to do")
     return done
   if os.path.exists(os.path.join(out_dir, fmt.MANIFEST)):
-    print(f"[pairs] resuming the unfinished run in {out_dir}: complete shards are kept, the "
+    _log.info(f"resuming the unfinished run in {out_dir}: complete shards are kept, the "
           "others are generated")
   else:
-    print("[pairs] new dataset; if interrupted, run the same command again to resume")
+    _log.info("new dataset; if interrupted, run the same command again to resume")
 
   dtype = DTYPES[config.teacher.dtype]
   teacher = load_teacher(path, dtype=dtype, param_dtype=dtype, components=("unet", "text"),
@@ -249,7 +252,7 @@ def run_pairs(config) -> dict:
       out_dir, prompts, generate_fn, latent_shape=shape, seed=config.seed,
       batch_size=c.batch_size, shard_size=c.shard_size, manifest_meta=meta, params=params,
       encode_fn=encode_fn)
-  print(f"[pairs] complete: {manifest['num_examples']} pairs in {manifest['num_shards']} shards "
+  _log.info(f"complete: {manifest['num_examples']} pairs in {manifest['num_shards']} shards "
         f"({manifest['total_bytes'] / 2**20:.1f} MiB) in {out_dir}; record: "
         + ", ".join(f"{k} {v}" for k, v in manifest["record"].items()))
   return manifest

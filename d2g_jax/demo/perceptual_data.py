@@ -21,6 +21,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.demo.perceptual_data")
 
 FAMILIES = {"train": ("noise", "blur", "shift", "erase"), "val": ("noise", "blur", "shift", "erase")}
 TEMPERATURE = 0.02
@@ -119,7 +122,7 @@ def run_data(config) -> dict:
   if os.path.isfile(marker):
     with open(marker) as fh:
       if json.load(fh) == stamp:
-        print(f"[digits_lpips_data] {root} is complete; nothing to do")
+        _log.info(f"{root} is complete; nothing to do")
         return {"root": root}
   train, held = digits.load(dg.image_size, dg.held_out, dg.split_seed)
   os.makedirs(dg.dir, exist_ok=True)
@@ -138,6 +141,6 @@ def run_data(config) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   n = config.demo.twoafc_per_family * sum(len(f) for f in FAMILIES.values())
-  print(f"[digits_lpips_data] {len(train.labels_N)} training and {len(held.labels_N)} held-out "
+  _log.info(f"{len(train.labels_N)} training and {len(held.labels_N)} held-out "
         f"digit images (class folders) and {n} 2AFC triplets -> {root}")
   return {"root": root}

@@ -43,6 +43,9 @@ from d2g_jax.models.latent_vgg import (ENCODERS, LPIPS, LPIPSConfig, VGGConfig,
                                        merge_batch_stats)
 from d2g_jax.models.latent_vgg_classifier import HEADS, LatentVGGClassifier
 from d2g_jax.train import checkpoint, metrics, run_config
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.train.latent_vgg")
 
 logger = log.get_logger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -223,7 +226,7 @@ def run_train(config) -> dict:
   if os.path.isfile(results_path):
     done = files.load_json(results_path, "classification results")
     if done.get("run_config_sha256") == sha256_json(rc):
-      print(f"[latent_vgg_train] already trained: top-1 {done['top1']:.4f} ({results_path})")
+      _log.info(f"already trained: top-1 {done['top1']:.4f} ({results_path})")
       return done
   mesh = parallel.make_mesh()
   b = parallel.local_batch_size(t.batch_size, mesh)
@@ -237,9 +240,9 @@ def run_train(config) -> dict:
   tx, schedule = make_optimizer(t, steps_per_epoch)
   if t.augment:
     augment_lib.check_policy(t.augment)
-  print(f"[latent_vgg_train] {len(train)} train / {len(held_out)} held-out latents "
+  _log.info(f"{len(train)} train / {len(held_out)} held-out latents "
         f"{latent_shape}, {len(classes)} classes; {num_steps} steps of batch {t.batch_size} "
-        f"({num_steps / steps_per_epoch:.2f} epochs) on {mesh.size} devices", flush=True)
+        f"({num_steps / steps_per_epoch:.2f} epochs) on {mesh.size} devices")
 
   step_fn = jax.jit(functools.partial(train_step, model, tx, t.augment, t.augment_p,
                                       config.seed, schedule), donate_argnums=0)
@@ -258,7 +261,7 @@ def run_train(config) -> dict:
     state = init_state(model, tx, latent_shape, config.seed, mesh)
     if (latest := ckpt.latest_step()) is not None:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iterator=it)
-      print(f"[latent_vgg_train] resumed from step {latest}", flush=True)
+      _log.info(f"resumed from step {latest}")
     first = int(state["step"])
 
     def log_metrics(step, values):
@@ -285,8 +288,8 @@ def run_train(config) -> dict:
       if step % t.eval_every == 0 or step == num_steps:
         result = evaluate(eval_fn, eval_params(state), held_out, t.eval_batch_size, mesh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
-        print(f"[latent_vgg_train] step {step}: held-out " + ", ".join(
-            f"{k} {v:.4f}" for k, v in sorted(result.items())), flush=True)
+        _log.info(f"step {step}: held-out " + ", ".join(
+            f"{k} {v:.4f}" for k, v in sorted(result.items())))
     if not result:  # restored at the last step: evaluate the final state
       result = evaluate(eval_fn, eval_params(state), held_out, t.eval_batch_size, mesh)
     ckpt.wait()
@@ -298,5 +301,5 @@ def run_train(config) -> dict:
   if jax.process_index() == 0:
     result["outputs"] = _write_outputs(config, model, state, p, result)
     files.save_json(result, results_path)
-  print(f"[latent_vgg_train] done: held-out top-1 {result['top1']:.4f}; {results_path}")
+  _log.info(f"done: held-out top-1 {result['top1']:.4f}; {results_path}")
   return result

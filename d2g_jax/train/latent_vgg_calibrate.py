@@ -47,6 +47,9 @@ from d2g_jax.data.writer import sha256_json
 from d2g_jax.models.latent_vgg import LPIPS, VGG16, normalize_channels
 from d2g_jax.models.lpips_rank import RankNet
 from d2g_jax.train import checkpoint, metrics, run_config
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.train.latent_vgg_calibrate")
 
 logger = log.get_logger(__name__)
 RESULTS = "calibrate_results.json"
@@ -222,7 +225,7 @@ def run_calibrate(config) -> dict:
   if os.path.isfile(results_path):
     done = files.load_json(results_path, "calibration results")
     if done.get("run_config_sha256") == sha256_json(rc):
-      print(f"[latent_vgg_calibrate] already calibrated: val 2AFC {done['val']['mean']:.4f} "
+      _log.info(f"already calibrated: val 2AFC {done['val']['mean']:.4f} "
             f"({results_path})")
       return done
   mesh = parallel.make_mesh()
@@ -247,16 +250,16 @@ def run_calibrate(config) -> dict:
   tx = optax.adam(lr_schedule(c, steps_per_epoch), b1=c.beta1)
   step_fn = jax.jit(functools.partial(calibrate_step, rank, tx, c.dropout, config.seed),
                     donate_argnums=0)
-  print(f"[latent_vgg_calibrate] trunk {trunk_path}; {n} train / {len(feats['val']['judge'])} "
+  _log.info(f"trunk {trunk_path}; {n} train / {len(feats['val']['judge'])} "
         f"val triplets, {train['f0'].shape[1]} head weights; {num_epochs} epochs of "
-        f"{steps_per_epoch} steps", flush=True)
+        f"{steps_per_epoch} steps")
   with lock.FolderLock(p["calibrate"], process_index=jax.process_index()), \
       checkpoint.Checkpointer(os.path.join(p["calibrate"], "checkpoints"), max_to_keep=2) as ckpt, \
       metrics.MetricWriter(os.path.join(p["calibrate"], "tb")) as writer:
     state = init_state(rank, tx, widths, config.seed, mesh)
     if (latest := ckpt.latest_step()) is not None:
       state = ckpt.restore(latest, checkpoint.abstract_like(state))
-      print(f"[latent_vgg_calibrate] resumed at epoch {latest // steps_per_epoch}", flush=True)
+      _log.info(f"resumed at epoch {latest // steps_per_epoch}")
     lo = jax.process_index() * b
     for epoch in range(int(state["step"]) // steps_per_epoch, num_epochs):
       order = np.random.default_rng([config.seed, epoch]).permutation(n)
@@ -291,8 +294,8 @@ def run_calibrate(config) -> dict:
       logger.warning("no official E-LatentLPIPS file: %s", e)
     files.save_json(result, results_path)
   for s in BAPPS_SPLITS:
-    print(f"[latent_vgg_calibrate] {s} 2AFC: " + ", ".join(
+    _log.info(f"{s} 2AFC: " + ", ".join(
         f"{k} {v:.4f}" for k, v in result[s]["per_family"].items())
         + f"; mean {result[s]['mean']:.4f} (uncalibrated {result[s]['uncalibrated']['mean']:.4f})")
-  print(f"[latent_vgg_calibrate] weights: {p['weights']} (config.loss.weights={p['out']})")
+  _log.info(f"weights: {p['weights']} (config.loss.weights={p['out']})")
   return result
