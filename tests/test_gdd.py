@@ -21,7 +21,7 @@ from d2g_jax.data import images, source
 from d2g_jax.models.unet import init_shapes
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.teacher import load_teacher
-from d2g_jax.train import build, loop, optim
+from d2g_jax.train import build, inputs, loop, optim
 
 CAPTIONS = ["a cat", "the cat", "a photo of the cat", "the photo", "cat", "of the cat"]
 # Trainable under GDD-I: every kind of UNet parameter the preset must leave alone.
@@ -127,6 +127,19 @@ def test_real_latents_stage(root):
   assert [src[i]["caption"] for i in range(6)] == CAPTIONS
   again = run.run(_gdd_config(root, root, stages="real_latents"))["real_latents"]
   assert again == m  # complete: kept, nothing encoded
+
+  # What the train stage reads: token ids from the captions (the teacher's tokenizer), no z.
+  config = run.resolve(_gdd_config(root, root))
+  data = inputs.open_input(config)
+  teacher = load_teacher(config.teacher.path, components=("text",))
+  assert data.real and data.recompute_text and data.latent_shape == (16, 16, 4)
+  assert data.keys(teacher) == ["x", "attention_mask", "input_ids"]
+  first = data.examples(teacher, 3)
+  ids, _ = teacher.text_encoders[0].tokenize(CAPTIONS[:3])
+  np.testing.assert_array_equal(first["input_ids"], ids)
+  np.testing.assert_array_equal(first["x"], np.stack([src[i]["latent"] for i in range(3)]))
+  batch = next(iter(data.dataset(teacher, 4, seed=0, verify="size").to_iter_dataset()))
+  assert sorted(batch) == ["attention_mask", "input_ids", "x"] and batch["x"].shape == (4, 16, 16, 4)
 
 
 def test_gdd_i_trains_on_real_latents_with_frozen_convs(root, tmp_path, caplog):
