@@ -16,6 +16,7 @@ from flax import traverse_util
 from PIL import Image
 
 import tiny_train_config
+from test_configs import load as load_config
 from d2g_jax import config_defaults, run
 from d2g_jax.data import images, source
 from d2g_jax.models.unet import init_shapes
@@ -102,13 +103,7 @@ def _gdd_config(root, workdir, **overrides):
   config.train.batch_size, config.train.num_steps, config.train.checkpoint_every = 8, 2, 2
   config.train.g_lr = config.train.d_lr = 1e-3
   config.objective.r1_gamma = 0.0
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_train_config.override(config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +199,24 @@ def test_gdd_objective_and_refusals(root, tmp_path):
   (other / "vae" / "config.json").write_text(json.dumps({**vae_config, "scaling_factor": 0.5}))
   with pytest.raises(ValueError, match="encoded by the VAE at .*fingerprints differ"):
     run.run(_gdd_config(root, tmp_path / "v", stages="train", **{"teacher.path": str(other)}))
+
+
+def test_gdd_i_configs():
+  """configs/gdd_i.py: SD 1.5 GDD-I and GDD; the demo variants train the digits demo's teacher
+  with its budget (steps, batch, learning rates), so their numbers compare with its run."""
+  gdd_i, demo = load_config("gdd_i"), load_config("demo").get_config()
+  for arg, frozen in ((None, "gdd_i"), ("gdd", ""), ("demo", "gdd_i"), ("demo_gdd", "")):
+    config = run.resolve(gdd_i.get_config(arg))
+    build.check_recipe(config)
+    assert config.train.recipe == "gdd" and config.train.g_frozen == frozen
+    assert run.parse_stages(config.stages) == ["real_latents", "train", "export"]
+  sd15 = gdd_i.get_config()
+  assert (sd15.train.g_lr, sd15.train.d_lr, sd15.objective.r1_gamma, sd15.train.adam_b2) == (
+      8e-6, 4e-5, 1e-4, 0.99)
+  demo_i = gdd_i.get_config("demo")
+  assert demo_i.teacher.path == (demo.teacher.path or os.path.join(demo.workdir, "teacher"))
+  for key in ("num_steps", "batch_size", "g_lr", "d_lr", "warmup_steps"):
+    assert demo_i.train[key] == demo.train[key], key
+  with pytest.raises(ValueError, match="expected no variant, gdd, demo or demo_gdd"):
+    gdd_i.get_config("sdxl")
+
