@@ -45,9 +45,11 @@ def demo(innate: bool):
   config.workdir = os.path.join(base.workdir, "gdd_i" if innate else "gdd")
   config.stages = "real_latents,train,export"
   config.teacher.path = base.teacher.path or os.path.join(base.workdir, "teacher")
-  # TODO(issue 14): the digits as the demo stores them; class folders 0..9 captioned with
-  # the demo's prompt. Point real.images at the demo's digit images once they exist.
-  config.real.images = "folder:" + os.path.join(base.workdir, "digits")
+  # The demo's training digits as class folders 0..9 (its stage digits_lpips_data writes
+  # <digits.dir>/perceptual_data/train), captioned with the demo's prompt.
+  # TODO(issue 14): check the folder and the prompt against the demo once it has landed.
+  digits_dir = base.digits.dir if "digits" in base else os.path.join(base.workdir, "digits")
+  config.real.images = "folder:" + os.path.join(digits_dir, "perceptual_data", "train")
   config.real.caption_template = "a handwritten digit {}"
   config.real.batch_size = 64
   config.real.shard_size = 1024
