@@ -119,6 +119,15 @@ def base() -> ml_collections.ConfigDict:
   c.train.verify = "size"          # pair shard check when opening: none | size | sha256
   c.train.lock_stale_after_s = 300  # another host's lock without a heartbeat for this long is stale
 
+  # The digits demo's report (stage demo_report: demo.png, metrics.json).
+  c.demo = ml_collections.ConfigDict()
+  c.demo.samples_per_digit = 16    # noises per digit, the same for every sampler
+  c.demo.seed = 1234               # their seed (not the pairs': these are unseen noises)
+  c.demo.columns = 4               # samples per sampler shown in demo.png
+  c.demo.zoom = 3                  # demo.png pixel repetition
+  c.demo.lpips_draws = 8           # augmentation draws averaged for E-LatentLPIPS distances
+  c.demo.twoafc_per_family = 100   # stage digits_lpips_data: 2AFC triplets per family and split
+
   # GDD's real data: images with captions -> the teacher VAE's latents (stage real_latents).
   c.real = ml_collections.ConfigDict()
   c.real.images = ""               # captioned:<root> (x.png + x.txt) | tfds:<name>/<split> |

@@ -24,6 +24,7 @@ a second run on the same folder refuses at once, naming the first.
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 import ml_collections
@@ -115,6 +116,18 @@ def real_latents(config):
     return real_latents_lib.run_real_latents(config)
 
 
+@stage("digits_lpips_data")
+def digits_lpips_data(config):
+  from d2g_jax.demo import perceptual_data
+  return perceptual_data.run_data(config)
+
+
+@stage("demo_report")
+def demo_report(config):
+  from d2g_jax.demo import report
+  return report.run_report(config)
+
+
 def parse_stages(spec: str) -> list[str]:
   names = [s.strip() for s in spec.split(",") if s.strip()]
   unknown = [n for n in names if n not in STAGES]
@@ -169,5 +182,19 @@ def run(config: ml_collections.ConfigDict):
   with _lock(config, config.workdir):
     for name in names:
       print(f"=== stage {name} ===", flush=True)
+      start = time.time()
       results[name] = STAGES[name](config)
+      _record_seconds(config.workdir, name, time.time() - start)
   return results
+
+
+def _record_seconds(workdir: str, stage_name: str, seconds: float):
+  """<workdir>/stage_seconds.json: the wall time of each stage's latest run (process 0)."""
+  import jax
+  from d2g_jax.files import load_json, save_json
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "stage_seconds.json")
+  times = load_json(path, "stage timings") if os.path.isfile(path) else {}
+  times[stage_name] = round(seconds, 2)
+  save_json(times, path)

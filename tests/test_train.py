@@ -169,10 +169,13 @@ def test_sharded_steps_match_one_device(root):
   teacher = load_teacher(config.teacher.path, components=("unet",))
   obj, consts = build.build_objective(config, teacher)
   src = source.PairSource(config.train.pairs)
-  records = src.__getitems__(range(16))
+  records = src.__getitems__(range(len(src)))  # 14 pairs: blank prompt lines are skipped
   keys = ["z", "x", "prompt_embeds"]
-  batches = [{k: np.stack([r[k] for r in records[i:i + 8]]) for k in keys} for i in (0, 8, 0)]
-  results = {}
+  batches = [{k: np.stack([r[k] for r in records[i:i + 8]]) for k in keys} for i in (0, 6, 0)]
+  results, compiles = {}, []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append(kw.get("fun_name", "?"))
+      if event == "/jax/core/compile/backend_compile_duration" else None)
   for name, axes, n in [("1", {"data": 1}, 1), ("2x4", {"data": 2, "fsdp": 4}, 8),
                         ("8x1", {"data": 8, "fsdp": 1}, 8)]:
     mesh = parallel.make_mesh(axes, devices=jax.devices()[:n])
@@ -184,14 +187,16 @@ def test_sharded_steps_match_one_device(root):
                                                                        config.sharding),
                                 batch_sh, do_r1=False)
     history = []
-    for b in batches:
+    for i, b in enumerate(batches):
+      compiles.clear()
       state, m = step(state, consts, parallel.host_to_global(b, mesh))
       history.append(jax.device_get(m))
-    assert step._cache_size() == 1  # one compile for all steps
+      if i:  # compiled once, at the first step
+        assert not [c for c in compiles if "train_step" in c], (name, i, compiles)
     if name == "2x4":  # parameters and optimiser states really are split over fsdp
       kernel = state.g_params["down_blocks_1"]["resnets_0"]["conv2"]["kernel"]
-      assert "fsdp" in str(kernel.sharding.spec) and kernel.addressable_shards[0].data.shape[-1] \
-          == kernel.shape[-1] // 4
+      assert "fsdp" in str(kernel.sharding.spec)
+      assert kernel.addressable_shards[0].data.size == kernel.size // 4  # a quarter per device
       mu = state.g_opt[1][0].mu["down_blocks_1"]["resnets_0"]["conv2"]["kernel"]
       assert mu.sharding.spec == kernel.sharding.spec
       assert "fsdp" in str(state.d_params["unet"]["mid_block"]["resnets_0"]["conv1"]["kernel"]
