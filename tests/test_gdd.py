@@ -103,6 +103,7 @@ def _gdd_config(root, workdir, **overrides):
   config.train.batch_size, config.train.num_steps, config.train.checkpoint_every = 8, 2, 2
   config.train.g_lr = config.train.d_lr = 1e-3
   config.objective.r1_gamma = 0.0
+  config.sharding.min_size = 2 ** 30  # state replicated (FSDP is test_train's): fast checkpoints
   return tiny_train_config.override(config, **overrides)
 
 
