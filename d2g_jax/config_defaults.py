@@ -4,7 +4,8 @@ Paths left empty are derived from `workdir` by `run.resolve()`:
 teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs,
 train.pairs '' -> pairs.out_dir, export.out_dir '' -> <workdir>/export,
 export.orbax_dir '' -> <workdir>/export_orbax, eval.out_dir '' -> <workdir>/eval,
-latent_vgg.out_dir '' -> <workdir>/latent_vgg, latent_vgg.vae '' -> <teacher.path>/vae.
+latent_vgg.out_dir '' -> <workdir>/latent_vgg, latent_vgg.vae '' -> <teacher.path>/vae,
+real.out_dir '' -> <workdir>/real_latents.
 
 Where a default is not the paper's (it publishes neither), README.md's "The objective"
 section says where it comes from.
@@ -90,6 +91,8 @@ def base() -> ml_collections.ConfigDict:
   c.objective.mix_fraction = 0.25  # fake rows whose latent is swapped for another row's
 
   c.train = ml_collections.ConfigDict()
+  c.train.recipe = "diffusion2gan"  # diffusion2gan (teacher pairs: regression + GAN) | gdd (real
+                                   # latents, GAN only: GDD / GDD-I, arXiv 2405.20750; see gdd())
   c.train.pairs = ""               # pair dataset folder ('' = pairs.out_dir)
   c.train.num_steps = 20000
   c.train.batch_size = 64          # global; a multiple of the devices along (data, fsdp)
@@ -101,7 +104,8 @@ def base() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0       # > 0: AdamW
   c.train.warmup_steps = 500       # linear learning-rate warm-up from 0
   c.train.grad_clip = 1.0          # global-norm clipping (0 = off)
-  c.train.g_frozen = ""            # regex of generator params kept frozen ('' = none)
+  c.train.g_frozen = ""            # regex of generator params kept frozen ('' = none;
+                                   # "gdd_i" = GDD-I's preset, train.optim.FROZEN_PRESETS)
   c.train.d_frozen = ""            # regex of discriminator params kept frozen
   c.train.ema_decay = 0.999        # EMA of the generator (what is exported)
   c.train.dtype = "float32"        # compute dtype of G and D: float32 | bfloat16 (params fp32)
@@ -123,6 +127,24 @@ def base() -> ml_collections.ConfigDict:
   c.demo.zoom = 3                  # demo.png pixel repetition
   c.demo.lpips_draws = 8           # augmentation draws averaged for E-LatentLPIPS distances
   c.demo.twoafc_per_family = 100   # stage digits_lpips_data: 2AFC triplets per family and split
+
+  # GDD's real data: images with captions -> the teacher VAE's latents (stage real_latents).
+  c.real = ml_collections.ConfigDict()
+  c.real.images = ""               # captioned:<root> (x.png + x.txt) | tfds:<name>/<split> |
+                                   # folder:<root> (class subfolders) with caption_template
+  c.real.tfds_data_dir = ""        # where the tfds dataset was prepared
+  c.real.image_key = "image"       # tfds image feature
+  c.real.caption_key = ""          # tfds caption feature path, e.g. captions/text (the first one)
+  c.real.label_key = "label"       # tfds ClassLabel feature, used with caption_template
+  c.real.caption_template = ""     # labelled sources: caption = template.format(class name)
+  c.real.image_size = 0            # square crop in pixels; 0 = the teacher's default resolution
+  c.real.num_examples = -1         # evenly spaced subset (-1: all)
+  c.real.dtype = "float32"         # stored latents: float32 | bfloat16 | float16
+  c.real.vae_dtype = "float32"     # VAE compute dtype: float32 | bfloat16
+  c.real.batch_size = 32           # global encoding batch (a multiple of the devices)
+  c.real.shard_size = 1024         # examples per ArrayRecord shard
+  c.real.workers = 8               # host threads decoding and resizing images
+  c.real.out_dir = ""              # '' = <workdir>/real_latents; the train stage reads it (gdd)
 
   c.export = ml_collections.ConfigDict()
   c.export.out_dir = ""            # diffusers pipeline folder ('' = <workdir>/export)
@@ -228,6 +250,30 @@ def base() -> ml_collections.ConfigDict:
   lv.calibrate.hidden = 32         # width of the judgment network on (d0, d1)
   lv.calibrate.dropout = 0.0       # dropout on the per-channel features (LPIPS drops pixels)
   lv.calibrate.feature_batch_size = 64  # global, trunk feature pass
+  return c
+
+
+def gdd(c: ml_collections.ConfigDict, innate: bool = True) -> ml_collections.ConfigDict:
+  """`c` switched to the GDD recipe (GDD-I with `innate`: frozen convolutions), with the
+  optimiser settings of the GDD authors' ImageNet 64x64 runs (arXiv 2405.20750; official
+  code github.com/Zyriix/GDD, train.sh: Adam betas (0, 0.99), eps 1e-8, G lr 8e-6, D lr
+  4e-5, R1 gamma 1e-4 every 16 steps, batch 512, 10M images, no warm-up, no clipping).
+  README "GDD and GDD-I" says what differs from the paper and why."""
+  c.train.recipe = "gdd"
+  c.objective.regression_weight = 0.0  # no teacher targets: the GAN loss alone
+  c.objective.gan_weight = 1.0
+  c.objective.mix_fraction = 0.0     # mix-and-match and z-conditioning need (z, x) pairs
+  c.discriminator.z_cond = False
+  c.objective.r1_gamma = 1e-4
+  c.objective.r1_interval = 16
+  c.train.adam_b1, c.train.adam_b2, c.train.adam_eps = 0.0, 0.99, 1e-8
+  c.train.g_lr = 8e-6
+  c.train.d_lr = 4e-5
+  c.train.batch_size = 512
+  c.train.num_steps = 20000          # 10.2M images at batch 512 (the paper: 10M)
+  c.train.warmup_steps = 0
+  c.train.grad_clip = 0.0
+  c.train.g_frozen = "gdd_i" if innate else ""
   return c
 
 

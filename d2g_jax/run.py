@@ -14,6 +14,8 @@ Stages (config.stages, comma-separated, run in the order given):
   latent_cache  images and BAPPS 2AFC triplets -> VAE latents (ArrayRecord shards), for:
   latent_vgg_train      the latent VGG16-BN trunk trained to classify latents (E-LatentLPIPS)
   latent_vgg_calibrate  its LPIPS heads calibrated on BAPPS 2AFC judgments -> the loss weights
+  real_latents  captioned real images -> the teacher VAE's latents, the data of the GDD recipe
+                (train.recipe=gdd trains on them instead of pairs)
 
 The whole run holds a lock on the workdir (and the pairs stage on its output folder):
 a second run on the same folder refuses at once, naming the first.
@@ -110,6 +112,13 @@ def latent_vgg_calibrate(config):
   return calibrate.run_calibrate(config)
 
 
+@stage("real_latents")
+def real_latents(config):
+  from d2g_jax.data import real_latents as real_latents_lib
+  with _lock(config, config.real.out_dir):
+    return real_latents_lib.run_real_latents(config)
+
+
 @stage("digits_lpips_data")
 def digits_lpips_data(config):
   from d2g_jax.demo import perceptual_data
@@ -151,6 +160,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.latent_vgg.out_dir = os.path.join(config.workdir, "latent_vgg")
   if not config.latent_vgg.vae:
     config.latent_vgg.vae = os.path.join(config.teacher.path, "vae")
+  if not config.real.out_dir:
+    config.real.out_dir = os.path.join(config.workdir, "real_latents")
   config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 

@@ -36,13 +36,7 @@ def config_for(root, workdir, **overrides):
   config.workdir = str(workdir)
   config.teacher.path = str(root / "teacher")
   config.train.pairs = str(root / "pairs")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_train_config.override(config, **overrides)
 
 
 @pytest.fixture(scope="module")

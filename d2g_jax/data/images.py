@@ -3,12 +3,20 @@ prepared on disk.
 
 `open_images(spec, ...)` picks the reader from `spec`:
 
-  folder:<root>                                  FolderImages  root/<class>/<image files>
-  tfds:<name>[/<config>][:<version>]/<split>     TfdsImages    e.g. tfds:imagenet2012/train
+  folder:<root>                                  FolderImages    root/<class>/<image files>
+  captioned:<root>                               CaptionedImages root/**/<name>.png + <name>.txt
+  tfds:<name>[/<config>][:<version>]/<split>     TfdsImages      e.g. tfds:imagenet2012/train
+
+A source's `target` is "label" (class index) or "caption" (text); a labelled source with
+`caption_template` (e.g. "a photo of a {}") becomes a captioned one (`TemplateCaptions`:
+the template formatted with the class name).
 
 Folders: one subfolder per class; the classes are the sorted subfolder names and a class's
 label is its position among them; images (.png .jpg .jpeg .bmp .gif .webp .tif .tiff, any
-case) are ordered by class, then by file name; hidden files are skipped.
+case) are ordered by class, then by file name; hidden files are skipped. Captioned
+folders: every image at any depth under root, in sorted relative-path order, with its
+caption in the UTF-8 text file of the same name and the extension .txt beside it
+(surrounding whitespace stripped), as image-caption training folders are laid out.
 
 tfds datasets are read with tensorflow-datasets alone, no TensorFlow, from the ArrayRecord
 files (`tfds build imagenet2012 --file_format=array_record`), in the data source's order.
@@ -67,6 +75,7 @@ def _sha256_lines(lines) -> str:
 
 class FolderImages:
   """root/<class>/<image>: labels from the sorted class folder names."""
+  target = "label"
 
   def __init__(self, root: str):
     if not os.path.isdir(root):
@@ -106,6 +115,84 @@ class FolderImages:
             "files_sha256": self._files_sha}
 
 
+class CaptionedImages:
+  """root/**/<name>.<image extension> with its caption in root/**/<name>.txt."""
+  target = "caption"
+
+  def __init__(self, root: str):
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"image folder {root!r} does not exist; expected images with a "
+                              "caption file beside each (x.png + x.txt)")
+    self.root = os.path.abspath(root)
+    self.keys, self.captions, missing, lines = [], [], [], []
+    for folder, dirs, names in os.walk(self.root):
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+      for f in sorted(names):
+        if f.startswith(".") or not f.lower().endswith(EXTENSIONS):
+          continue
+        key = os.path.relpath(os.path.join(folder, f), self.root)
+        text = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
+        if not os.path.isfile(text):
+          missing.append(key)
+          continue
+        try:
+          with open(text, encoding="utf-8") as fh:
+            caption = fh.read().strip()
+        except UnicodeDecodeError as e:
+          raise ImageSourceError(f"{text}: not UTF-8 text ({e})") from e
+        self.keys.append(key)
+        self.captions.append(caption)
+        lines.append(f"{key}\0{os.path.getsize(os.path.join(folder, f))}\0{caption}")
+    if missing:
+      raise ImageSourceError(f"{len(missing)} images under {root!r} have no caption file, e.g. "
+                             f"{missing[:3]}; write <name>.txt beside each image, or remove it")
+    if not self.keys:
+      raise ImageSourceError(f"image folder {root!r} holds no images ({', '.join(EXTENSIONS)}) "
+                             "with caption files")
+    order = sorted(range(len(self.keys)), key=self.keys.__getitem__)
+    self.keys = [self.keys[i] for i in order]
+    self.captions = [self.captions[i] for i in order]
+    self._files_sha = _sha256_lines(sorted(lines))
+
+  def __len__(self) -> int:
+    return len(self.keys)
+
+  def item(self, i: int):
+    """(PIL RGB image, caption, key) of example i."""
+    path = os.path.join(self.root, self.keys[i])
+    return _decode(path, path), self.captions[i], self.keys[i]
+
+  def description(self) -> dict[str, Any]:
+    """Files by name and size, and every caption (part of the cache's config)."""
+    return {"kind": "captioned_folder", "root": self.root, "num_examples": len(self),
+            "files_sha256": self._files_sha}
+
+
+class TemplateCaptions:
+  """A labelled source whose captions are `template.format(class name)`."""
+  target = "caption"
+
+  def __init__(self, images, template: str):
+    if images.target != "label":
+      raise ImageSourceError("caption_template applies to labelled sources (class folders, "
+                             "tfds with a ClassLabel); this one already has captions: leave "
+                             "caption_template empty")
+    if "{}" not in template:
+      raise ImageSourceError(f"caption_template {template!r} has no '{{}}' for the class name, "
+                             "e.g. 'a photo of a {}'")
+    self.images, self.template = images, template
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def item(self, i: int):
+    image, label, key = self.images.item(i)
+    return image, self.template.format(self.images.class_names[label]), key
+
+  def description(self) -> dict[str, Any]:
+    return {**self.images.description(), "caption_template": self.template}
+
+
 class TfdsImages:
   """A tfds dataset prepared on disk (ArrayRecord files); images decoded with Pillow."""
 
@@ -130,6 +217,7 @@ class TfdsImages:
       self.class_names = []
     self.name, self.split, self.data_dir = builder.info.full_name, split, str(builder.data_dir)
     self._has_file_name = "file_name" in features
+    self.target = "label" if self.label_key else "caption"
 
   def __len__(self) -> int:
     return len(self._source)
@@ -161,8 +249,16 @@ class TfdsImages:
 
 
 def open_images(spec: str, *, data_dir: str | None = None, image_key: str = "image",
-                label_key: str = "label", caption_key: str = ""):
-  """An image source from `folder:<root>` or `tfds:<name>[/<config>][:<version>]/<split>`."""
+                label_key: str = "label", caption_key: str = "", caption_template: str = ""):
+  """An image source from `folder:<root>`, `captioned:<root>` or
+  `tfds:<name>[/<config>][:<version>]/<split>`; with `caption_template`, a labelled one
+  captioned by its class names."""
+  if caption_template:
+    return TemplateCaptions(open_images(spec, data_dir=data_dir, image_key=image_key,
+                                        label_key=label_key, caption_key=caption_key),
+                            caption_template)
+  if spec.startswith("captioned:"):
+    return CaptionedImages(spec[len("captioned:"):])
   if spec.startswith("folder:"):
     if caption_key:
       raise ImageSourceError(f"{spec}: image folders carry class labels, not captions; leave "
@@ -176,4 +272,5 @@ def open_images(spec: str, *, data_dir: str | None = None, image_key: str = "ima
     return TfdsImages(name, split, data_dir=data_dir, image_key=image_key, label_key=label_key,
                       caption_key=caption_key)
   raise ImageSourceError(f"image source {spec!r}: expected folder:<root> (one subfolder per "
-                         "class) or tfds:<name>[/<config>][:<version>]/<split>")
+                         "class), captioned:<root> (x.png + x.txt) or "
+                         "tfds:<name>[/<config>][:<version>]/<split>")

@@ -123,8 +123,7 @@ def write_image_latents(out_dir: str, images, vae: AutoencoderKL, vae_params: An
   if dtype not in DTYPES:
     raise ValueError(f"latent dtype {dtype!r}; expected one of {sorted(DTYPES)}")
   sel = select(len(images), num)
-  captions = bool(getattr(images, "caption_key", ""))
-  target = "caption" if captions else "label"
+  target = images.target  # "label" or "caption"
 
   def load_one(j):
     image, value, key = images.item(sel[j])
