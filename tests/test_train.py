@@ -116,6 +116,26 @@ def test_train_export_rerun(root, tmp_path):
     run.run(other)
 
 
+def test_non_finite_loss_stops_before_saving(root, tmp_path, monkeypatch):
+  """A NaN in step 5's metrics stops the run naming the step and the term; checkpoints stop
+  at 4 (the last good one), and nothing after it is saved."""
+  from d2g_jax.train import metrics as metrics_lib
+  real = metrics_lib.to_floats
+
+  def poisoned(step, values):
+    values = dict(values)
+    if step == 5:
+      values["g/regression"] = float("nan")
+    return real(step, values)
+  monkeypatch.setattr(loop.metrics_lib, "to_floats", poisoned)
+  work = tmp_path / "nan"
+  with pytest.raises(metrics_lib.NonFiniteError, match=r"step 5: metric 'g/regression' is nan"):
+    run.run(config_for(root, work))
+  done = sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit())
+  assert done == [2, 4]
+  assert [m["step"] for m in loop.read_metrics(str(work))] == [1, 2, 3, 4]
+
+
 def _train_cmd(root, workdir, steps):
   return [sys.executable, "-m", "d2g_jax.main", f"--config={HERE}/tiny_train_config.py",
           f"--config.workdir={workdir}", f"--config.teacher.path={root / 'teacher'}",
