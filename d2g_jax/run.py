@@ -14,6 +14,11 @@ The whole run holds a lock on the workdir (and the pairs stage on its output fol
 a second run on the same folder refuses at once, naming the first.
   eval          the paper's metrics table: FID, CLIP score, fidelity, diversity per row
                 (teacher N-step, student one-step), samples resumable like pairs
+  digits_vae    the digits demo: a tiny AutoencoderKL trained on scikit-learn's 8x8 digits,
+                written as a diffusers VAE folder under config.digits.dir
+  digits_teacher  a tiny text-conditioned UNet trained on that VAE's latents ("a handwritten
+                digit 7", prompt dropped for CFG), written with the VAE and a tiny CLIP text
+                encoder and tokenizer as a StableDiffusionPipeline folder at teacher.path
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ def tiny_teacher(config):
   tiny.build(config.teacher.tiny_family, path)
   print(f"[tiny_teacher] wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
   return path
+
+
+@stage("digits_vae")
+def digits_vae(config):
+  from d2g_jax.demo import vae_train
+  return vae_train.run_vae(config)
+
+
+@stage("digits_teacher")
+def digits_teacher(config):
+  from d2g_jax.demo import teacher_train
+  return teacher_train.run_teacher(config)
 
 
 @stage("roundtrip")
@@ -110,6 +127,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.export.orbax_dir = os.path.join(config.workdir, "export_orbax")
   if not config.eval.out_dir:
     config.eval.out_dir = os.path.join(config.workdir, "eval")
+  if not config.digits.dir:
+    config.digits.dir = os.path.join(config.workdir, "digits")
   config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 
