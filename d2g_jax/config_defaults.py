@@ -5,7 +5,7 @@ teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs,
 train.pairs '' -> pairs.out_dir, export.out_dir '' -> <workdir>/export,
 export.orbax_dir '' -> <workdir>/export_orbax, eval.out_dir '' -> <workdir>/eval,
 latent_vgg.out_dir '' -> <workdir>/latent_vgg, latent_vgg.vae '' -> <teacher.path>/vae,
-real.out_dir '' -> <workdir>/real_latents.
+real.out_dir '' -> <workdir>/real_latents, digits.dir '' -> <workdir>/digits.
 
 Where a default is not the paper's (it publishes neither), README.md's "The objective"
 section says where it comes from.
@@ -28,6 +28,43 @@ def base() -> ml_collections.ConfigDict:
   c.teacher.dtype = "float32"      # compute dtype: float32, or bfloat16 on accelerators
   c.teacher.attention = "auto"     # auto (cudnn on GPU bf16, chunked on CPU) | xla | cudnn | chunked
   c.teacher.tiny_family = "sd1"    # tiny_teacher stage only: sd1 | sd2 | sdxl
+
+  # The digits demo's teacher: stages digits_vae, digits_teacher (README "The digits teacher").
+  c.digits = ml_collections.ConfigDict()
+  c.digits.dir = ""                # VAE folder, training states ('' = <workdir>/digits)
+  c.digits.image_size = 32         # pixels (bilinear from 8x8; a multiple of 8)
+  c.digits.held_out = 300          # held-out images (30 per digit), never trained on
+  c.digits.split_seed = 0
+  c.digits.prompt = "a handwritten digit {}"  # {} = the digit; the tokenizer knows these words
+  c.digits.warmup_steps = 100      # both trainings: linear warm-up, then cosine decay to 0
+  c.digits.checkpoint_every = 250  # steps between resumable training states
+  c.digits.vae = ml_collections.ConfigDict()
+  c.digits.vae.block_out_channels = (8, 16, 32)  # n levels: latents at 1 / 2^(n-1) of the size
+  c.digits.vae.layers_per_block = 1
+  c.digits.vae.norm_num_groups = 4
+  c.digits.vae.latent_channels = 4
+  c.digits.vae.steps = 1000
+  c.digits.vae.batch_size = 32
+  c.digits.vae.lr = 1e-3
+  c.digits.vae.kl_weight = 1e-3    # on the mean KL per latent element (loss: mean L1 + L2)
+  c.digits.text = ml_collections.ConfigDict()  # random, frozen CLIP text encoder
+  c.digits.text.hidden_size = 32
+  c.digits.text.num_layers = 2
+  c.digits.text.num_heads = 2
+  c.digits.text.max_length = 8     # tokens with BOS / EOS; the prompts need 6
+  c.digits.unet = ml_collections.ConfigDict()
+  c.digits.unet.block_out_channels = (32, 64)  # CrossAttn down/up blocks at each level
+  c.digits.unet.layers_per_block = 1
+  c.digits.unet.attention_heads = 2
+  c.digits.unet.norm_num_groups = 8
+  c.digits.unet.steps = 1500
+  c.digits.unet.batch_size = 64
+  c.digits.unet.lr = 1e-3
+  c.digits.unet.ema_decay = 0.999  # the pipeline gets the EMA weights
+  c.digits.unet.drop_prompt = 0.1  # fraction of steps conditioned on "" (for CFG)
+  c.digits.check_per_digit = 10    # teacher check after training: samples per digit (0 = off)
+  c.digits.check_guidance = 4.0    # ... 50-step DDIM (eta 0) with this CFG scale
+  c.digits.check_steps = 50
 
   c.pairs = ml_collections.ConfigDict()
   c.pairs.prompts = ""             # prompts.txt | prompts.jsonl | tfds:<name>[/<config>]/<split>

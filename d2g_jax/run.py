@@ -16,6 +16,14 @@ Stages (config.stages, comma-separated, run in the order given):
   latent_vgg_calibrate  its LPIPS heads calibrated on BAPPS 2AFC judgments -> the loss weights
   real_latents  captioned real images -> the teacher VAE's latents, the data of the GDD recipe
                 (train.recipe=gdd trains on them instead of pairs)
+  digits_vae    the digits demo: a tiny AutoencoderKL trained on scikit-learn's 8x8 digits,
+                written as a diffusers VAE folder under config.digits.dir
+  digits_teacher  a tiny text-conditioned UNet trained on that VAE's latents ("a handwritten
+                digit 7", prompt dropped for CFG), written with the VAE and a tiny CLIP text
+                encoder and tokenizer as a StableDiffusionPipeline folder at teacher.path
+  digits_lpips_data  the digits as class folders + proxy-judged 2AFC triplets for the demo's
+                latent VGG (latent_cache, latent_vgg_train, latent_vgg_calibrate then train it)
+  demo_report   the digits demo's demo.png and metrics.json (accuracy, diversity, distances)
 
 The whole run holds a lock on the workdir (and the pairs stage on its output folder):
 a second run on the same folder refuses at once, naming the first.
@@ -52,6 +60,18 @@ def tiny_teacher(config):
   tiny.build(config.teacher.tiny_family, path)
   _log.info(f"wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
   return path
+
+
+@stage("digits_vae")
+def digits_vae(config):
+  from d2g_jax.demo import vae_train
+  return vae_train.run_vae(config)
+
+
+@stage("digits_teacher")
+def digits_teacher(config):
+  from d2g_jax.demo import teacher_train
+  return teacher_train.run_teacher(config)
 
 
 @stage("roundtrip")
@@ -162,6 +182,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.latent_vgg.vae = os.path.join(config.teacher.path, "vae")
   if not config.real.out_dir:
     config.real.out_dir = os.path.join(config.workdir, "real_latents")
+  if not config.digits.dir:
+    config.digits.dir = os.path.join(config.workdir, "digits")
   config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 
