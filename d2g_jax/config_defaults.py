@@ -1,6 +1,8 @@
 """Every option and its default, in one place; configs/*.py start from `base()`.
 
-Paths left empty are derived from `workdir` by `run.resolve()`:
+A string value may contain `{workdir}`: `run.resolve()` replaces it with the workdir (so a
+config file can name places inside a workdir given on the command line). Paths left empty
+are derived from `workdir` by `run.resolve()`:
 teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs,
 train.pairs '' -> pairs.out_dir, export.out_dir '' -> <workdir>/export,
 export.orbax_dir '' -> <workdir>/export_orbax, eval.out_dir '' -> <workdir>/eval,

@@ -160,9 +160,20 @@ def parse_stages(spec: str) -> list[str]:
   return names
 
 
+def _with_workdir(tree, workdir: str):
+  """Every string value with `{workdir}` in it, that placeholder replaced."""
+  if isinstance(tree, dict):
+    return {k: _with_workdir(v, workdir) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_with_workdir(v, workdir) for v in tree)
+  return tree.replace("{workdir}", workdir) if isinstance(tree, str) else tree
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy with the paths that default to places under `workdir` filled in."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  """A copy with `{workdir}` in string values replaced by the workdir, and the paths that
+  default to places under `workdir` filled in."""
+  config = ml_collections.ConfigDict(_with_workdir(config.to_dict(), os.path.abspath(
+      os.path.expanduser(config.workdir))))
   config.workdir = os.path.abspath(os.path.expanduser(config.workdir))
   if not config.teacher.path:
     config.teacher.path = os.path.join(config.workdir, "teacher")
