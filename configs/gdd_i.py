@@ -39,24 +39,36 @@ def _demo_config():
 
 
 def demo(innate: bool):
-  """The digits demo's teacher and training budget, trained by GDD(-I) on the real digits."""
+  """The digits demo's teacher and training budget, trained by GDD(-I) on the real digits, and
+  judged by the demo's report (demo_report: accuracy, diversity, distance to the teacher)."""
   base = _demo_config()
   config = config_defaults.gdd(config_defaults.base(), innate=innate)
   config.workdir = os.path.join(base.workdir, "gdd_i" if innate else "gdd")
-  config.stages = "real_latents,train,export"
+  config.stages = "real_latents,train,export,demo_report"
+  at_base = lambda s: s.replace("{workdir}", base.workdir)  # the demo's places, not ours
   config.teacher.path = base.teacher.path or os.path.join(base.workdir, "teacher")
   # The demo's training digits as class folders 0..9 (its stage digits_lpips_data writes
-  # <digits.dir>/perceptual_data/train), captioned with the demo's prompt.
-  # TODO(issue 14): check the folder and the prompt against the demo once it has landed.
-  digits_dir = base.digits.dir if "digits" in base else os.path.join(base.workdir, "digits")
+  # <digits.dir>/perceptual_data/train; the 300 held-out digits are not among them),
+  # captioned with the demo's prompt.
+  digits_dir = at_base(base.digits.dir) or os.path.join(base.workdir, "digits")
   config.real.images = "folder:" + os.path.join(digits_dir, "perceptual_data", "train")
-  config.real.caption_template = "a handwritten digit {}"
+  config.real.caption_template = base.digits.prompt
   config.real.batch_size = 64
   config.real.shard_size = 1024
   config.real.workers = 2
   for key in ("num_steps", "batch_size", "g_lr", "d_lr", "warmup_steps", "checkpoint_every",
               "log_every", "sample_every", "num_samples", "ema_decay"):
     config.train[key] = base.train[key]
+  # What demo_report reads: the digits data and judge, its noises, the teacher's sampler
+  # settings (its 50-step reference) and E-LatentLPIPS (the distance), all the demo's.
+  config.digits = base.digits
+  config.digits.dir = digits_dir
+  config.demo = base.demo
+  config.pairs.guidance_scale = base.pairs.guidance_scale
+  config.pairs.num_steps = base.pairs.num_steps
+  config.loss = base.loss
+  config.loss.weights = at_base(base.loss.weights)
+  config.compilation_cache_dir = at_base(base.compilation_cache_dir)
   return config
 
 

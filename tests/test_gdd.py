@@ -210,7 +210,8 @@ def test_gdd_i_configs():
     config = run.resolve(gdd_i.get_config(arg))
     build.check_recipe(config)
     assert config.train.recipe == "gdd" and config.train.g_frozen == frozen
-    assert run.parse_stages(config.stages) == ["real_latents", "train", "export"]
+    assert run.parse_stages(config.stages) == ["real_latents", "train", "export"] + (
+        ["demo_report"] if arg and arg.startswith("demo") else [])
   sd15 = gdd_i.get_config()
   assert (sd15.train.g_lr, sd15.train.d_lr, sd15.objective.r1_gamma, sd15.train.adam_b2) == (
       8e-6, 4e-5, 1e-4, 0.99)
@@ -218,6 +219,13 @@ def test_gdd_i_configs():
   assert demo_i.teacher.path == (demo.teacher.path or os.path.join(demo.workdir, "teacher"))
   for key in ("num_steps", "batch_size", "g_lr", "d_lr", "warmup_steps"):
     assert demo_i.train[key] == demo.train[key], key
+  # The demo's digits (its digits_lpips_data stage's training folders), prompt and loss.
+  resolved = run.resolve(demo_i)
+  assert resolved.real.images == "folder:" + os.path.join(demo.workdir, "digits",
+                                                          "perceptual_data", "train")
+  assert resolved.real.caption_template == demo.digits.prompt
+  assert resolved.loss.weights == os.path.join(demo.workdir, "latent_vgg")
+  assert resolved.workdir == os.path.join(demo.workdir, "gdd_i")
   with pytest.raises(ValueError, match="expected no variant, gdd, demo or demo_gdd"):
     gdd_i.get_config("sdxl")
 
