@@ -44,6 +44,19 @@ def make_mesh(axes: Mapping[str, int] | None = None,
                        devices=devices)
 
 
+def under_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as the context mesh (`jax.sharding.get_abstract_mesh()`), which
+  kernels that run per shard read (attention="flash": a `shard_map` over the batch axes).
+  Wrap every function jitted over a mesh with it; it changes nothing else."""
+  import functools
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over."""
   return tuple(a for a in BATCH_AXES if a in mesh.axis_names)

@@ -322,7 +322,8 @@ def generate_pairs(out_dir: str, prompts: Sequence[str], generate_fn: GenerateFn
   params = jax.tree.map(
       lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, parallel.replicated(mesh)),
       params)
-  step = jax.jit(functools.partial(_step, generate_fn, seed, latent_shape, store_noise),
+  step = jax.jit(parallel.under_mesh(functools.partial(_step, generate_fn, seed, latent_shape,
+                                                       store_noise), mesh),
                  in_shardings=(None, sharding, sharding), out_shardings=sharding)
 
   probe_cond = _encode(encode_fn, [prompts[0]] * b)
