@@ -96,6 +96,7 @@ def test_block_sizes_divide_the_sequences():
   b = flash_attention.block_sizes(4096, 1024)
   assert (b.block_q, b.block_k_major, b.block_k, b.block_q_dq, b.block_k_dkv) == (
       512, 512, 512, 512, 512)
+  assert b.block_k_major_dq == b.block_k_dq == 128
   b = flash_attention.block_sizes(384, 256)
   assert (b.block_q, b.block_k) == (128, 256)
 

@@ -21,6 +21,9 @@ attends its own rows, no communication. With no context mesh it is called direct
 (one device). A batch not divisible by the mesh (e.g. single-sample R1) is not
 flash-able and `supported` says so; the caller falls back to XLA's attention.
 
+Mosaic refuses bf16 operands under `jax_default_matmul_precision="highest"` (it asks
+for an fp32-precision matmul: "Bad lhs type"); keep the default precision on TPU.
+
 On CPU the kernel runs only in Pallas' TPU interpret mode
 (`jax.experimental.pallas.tpu.force_tpu_interpret_mode()`), which the tests use.
 """
@@ -42,12 +45,17 @@ def _block(n: int) -> int:
 
 
 def block_sizes(t: int, s: int):
-  """The kernel's BlockSizes (forward and backward) for T queries and S keys."""
+  """The kernel's BlockSizes (forward and backward) for T queries and S keys.
+
+  The dq kernel's key block stays at 128: the kernel broadcasts a per-query fp32 row sum
+  to B x N x T x block in HBM before it runs (512 would make that a quarter of the T x S
+  score matrix at SD 1.5's T = S = 4096, as large as the saving we want).
+  """
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   bq, bk = _block(t), _block(s)
   return fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
                        block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk,
-                       block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+                       block_q_dkv=bq, block_k_major_dq=LANES, block_k_dq=LANES, block_q_dq=bq)
 
 
 def _batch_axes():
