@@ -40,7 +40,7 @@ import jax  # noqa: E402
 from d2g_jax import parallel  # noqa: E402
 from d2g_jax.aot import programs as progs_lib, report, target  # noqa: E402
 
-TRAIN, SAMPLER = ("train", "train_r1"), ("ddim_step", "ddim_scan")
+TRAIN, SAMPLER = progs_lib.TRAIN_PROGRAMS, ("ddim_step", "ddim_scan")
 
 
 def parse_args(argv=None):
@@ -130,7 +130,7 @@ def main(argv=None):
 
   def train_at(b, which):
     prog = {p.name: p for p in progs_lib.train_programs(
-        config, model, mesh, b, platform=plat, variants=[w == "train_r1" for w in which])}
+        config, model, mesh, b, platform=plat, variants=which)}
     return [report.compile_report(prog[w], chip, n) for w in which]
 
   train_names = [w for w in names if w in TRAIN]
@@ -139,10 +139,11 @@ def main(argv=None):
       results.append(r)
       print(line(r, chip), flush=True)
   if args.search:
-    print("batch search (train, R1 off):", flush=True)
+    which = train_names[0] if train_names else "train"
+    print(f"batch search ({which}):", flush=True)
 
     def one(b):
-      r = train_at(b, ["train"])[0]
+      r = train_at(b, [which])[0]
       print(line(r, chip), flush=True)
       return r
     best, searched = report.largest_fitting(one, args.per_chip_batch, chip.hbm_bytes,

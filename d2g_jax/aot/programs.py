@@ -40,7 +40,7 @@ from d2g_jax.models.unet import UNet, init_shapes
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.sampling.loop import sample
 from d2g_jax.sampling.schedule import ScheduleConfig
-from d2g_jax.train import build
+from d2g_jax.train import build, steps
 from d2g_jax.train.steps import train_step
 
 # SD 1.5 and SDXL base ship the same DDIM-compatible schedule (scheduler_config.json).
@@ -56,6 +56,7 @@ class Model:
   text_tokens: int = 77
 
 
+TRAIN_PROGRAMS = ("train", "train_r1", "d_step", "d_step_r1", "g_step")
 MODELS = {"sd15": Model("sd15", 64, False), "sdxl": Model("sdxl_base", 128, True),
           "tiny_sd15": Model("tiny_sd15", 16, False)}
 
@@ -115,10 +116,11 @@ def _objective(config, model: Model, unet_config: UNetConfig):
 
 
 def train_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
-                   platform: str = "tpu", variants=(False, True),
+                   platform: str = "tpu", variants=("train", "train_r1"),
                    unet_config: UNetConfig | None = None) -> list[Program]:
-  """The train step with R1 off ("train") and on ("train_r1") at `per_chip_batch` pairs
-  per chip (global batch = per_chip_batch x mesh devices), as `config` trains it."""
+  """The train step with R1 off ("train") and on ("train_r1"), or its halves (`half_step`),
+  at `per_chip_batch` pairs per chip (global batch = per_chip_batch x mesh devices), as
+  `config` trains it."""
   unet_config = unet_config or UNetConfig.preset(model.preset)
   attention = resolve_implementation(config.train.attention, build.dtype(
       config.train.dtype, "train.dtype"), platform)
@@ -138,16 +140,42 @@ def train_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
     consts_sh = build.consts_shardings(consts, mesh, cfg.sharding)
     return obj, (state, abstract_like(consts, consts_sh), batch), (state_sh, consts_sh)
 
+  for name in variants:
+    half_step(None, name)  # names checked before any work
   obj, args, (state_sh, consts_sh) = build_args(config)
   ref_obj, ref_args, _ = build_args(_with_train(config, remat=False, attention="xla"))
   batch_shardings = {k: batch_sh for k in batch}
+  repl = parallel.replicated(mesh)
   programs = []
-  for r1 in variants:
-    fn = build.jit_train_step(obj, state_sh, consts_sh, batch_shardings, do_r1=r1)
-    ref = functools.partial(train_step, ref_obj, do_r1=r1)
-    programs.append(Program("train_r1" if r1 else "train", fn, args, per_chip_batch, ref,
-                            ref_args, note=f"attention={attention}, remat={config.train.remat}"))
+  for name in variants:
+    if name.startswith("train"):  # exactly as the trainer jits it
+      fn = build.jit_train_step(obj, state_sh, consts_sh, batch_shardings,
+                                do_r1=name.endswith("_r1"))
+    else:
+      fn = jax.jit(parallel.under_mesh(half_step(obj, name), mesh),
+                   in_shardings=(state_sh, consts_sh, batch_shardings),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+    ref = half_step(ref_obj, name)
+    programs.append(Program(name, fn, args, per_chip_batch, ref, ref_args,
+                            note=f"attention={attention}, remat={config.train.remat}"))
   return programs
+
+
+def half_step(obj, name: str) -> Callable:
+  """`train`, `train_r1` (train_step), or one of its halves with the same randomness:
+  `d_step`, `d_step_r1` (discriminator_step), `g_step` (generator_step)."""
+  if name not in TRAIN_PROGRAMS:
+    raise ValueError(f"unknown train program {name!r}; expected one of {TRAIN_PROGRAMS}")
+  r1 = name.endswith("_r1")
+  if name.startswith("train"):
+    return functools.partial(train_step, obj, do_r1=r1)
+
+  def fn(state, consts, batch):
+    k_d, k_g = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    if name.startswith("d_step"):
+      return steps.discriminator_step(obj, state, consts, batch, k_d, r1)
+    return steps.generator_step(obj, state, consts, batch, k_g)
+  return fn
 
 
 def sampler_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
