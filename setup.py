@@ -30,13 +30,18 @@ TORCH = [
     "diffusers==0.42.1",
 ]
 
+# The digits demo (configs/demo.py): scikit-learn ships the 8x8 digits images; the
+# teacher is written as a diffusers StableDiffusionPipeline and the result exported to one.
+DEMO = TORCH + ["scikit-learn==1.9.1"]
+
 # Prompts from a tfds dataset prepared on disk (reading needs no TensorFlow).
 TFDS = ["tensorflow-datasets==4.9.10"]
 
-TEST = TORCH + TFDS + [
+TEST = DEMO + TFDS + [
     "pytest==9.2.0",
     "elatentlpips==0.2",   # official E-LatentLPIPS, a test-only numerical reference
     "lpips==0.1.4",        # official pixel LPIPS, a test-only numerical reference
+    "pywavelets==1.9.0",   # checks the sym6 filter constants of the augmentation resample
     "setuptools<81",       # elatentlpips imports pkg_resources
     "matplotlib>=3.8",
     "tensorboard==2.21.0",  # reads the event files back in tests (and views them)
@@ -53,5 +58,5 @@ setup(
     package_data={"d2g_jax": ["presets/*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH, "tfds": TFDS, "test": TEST},
+    extras_require={"torch": TORCH, "demo": DEMO, "tfds": TFDS, "test": TEST},
 )

@@ -1,9 +1,13 @@
 """Every option and its default, in one place; configs/*.py start from `base()`.
 
-Paths left empty are derived from `workdir` by `run.resolve()`:
+A string value may contain `{workdir}`: `run.resolve()` replaces it with the workdir (so a
+config file can name places inside a workdir given on the command line). Paths left empty
+are derived from `workdir` by `run.resolve()`:
 teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs,
 train.pairs '' -> pairs.out_dir, export.out_dir '' -> <workdir>/export,
-export.orbax_dir '' -> <workdir>/export_orbax, eval.out_dir '' -> <workdir>/eval.
+export.orbax_dir '' -> <workdir>/export_orbax, eval.out_dir '' -> <workdir>/eval,
+latent_vgg.out_dir '' -> <workdir>/latent_vgg, latent_vgg.vae '' -> <teacher.path>/vae,
+real.out_dir '' -> <workdir>/real_latents, digits.dir '' -> <workdir>/digits.
 
 Where a default is not the paper's (it publishes neither), README.md's "The objective"
 section says where it comes from.
@@ -27,6 +31,43 @@ def base() -> ml_collections.ConfigDict:
   c.teacher.attention = "auto"     # auto (flash on TPU, cudnn on GPU bf16, chunked on CPU)
                                    # | xla | cudnn | chunked | flash
   c.teacher.tiny_family = "sd1"    # tiny_teacher stage only: sd1 | sd2 | sdxl
+
+  # The digits demo's teacher: stages digits_vae, digits_teacher (README "The digits teacher").
+  c.digits = ml_collections.ConfigDict()
+  c.digits.dir = ""                # VAE folder, training states ('' = <workdir>/digits)
+  c.digits.image_size = 32         # pixels (bilinear from 8x8; a multiple of 8)
+  c.digits.held_out = 300          # held-out images (30 per digit), never trained on
+  c.digits.split_seed = 0
+  c.digits.prompt = "a handwritten digit {}"  # {} = the digit; the tokenizer knows these words
+  c.digits.warmup_steps = 100      # both trainings: linear warm-up, then cosine decay to 0
+  c.digits.checkpoint_every = 250  # steps between resumable training states
+  c.digits.vae = ml_collections.ConfigDict()
+  c.digits.vae.block_out_channels = (8, 16, 32)  # n levels: latents at 1 / 2^(n-1) of the size
+  c.digits.vae.layers_per_block = 1
+  c.digits.vae.norm_num_groups = 4
+  c.digits.vae.latent_channels = 4
+  c.digits.vae.steps = 1000
+  c.digits.vae.batch_size = 32
+  c.digits.vae.lr = 1e-3
+  c.digits.vae.kl_weight = 1e-3    # on the mean KL per latent element (loss: mean L1 + L2)
+  c.digits.text = ml_collections.ConfigDict()  # random, frozen CLIP text encoder
+  c.digits.text.hidden_size = 32
+  c.digits.text.num_layers = 2
+  c.digits.text.num_heads = 2
+  c.digits.text.max_length = 8     # tokens with BOS / EOS; the prompts need 6
+  c.digits.unet = ml_collections.ConfigDict()
+  c.digits.unet.block_out_channels = (32, 64)  # CrossAttn down/up blocks at each level
+  c.digits.unet.layers_per_block = 1
+  c.digits.unet.attention_heads = 2
+  c.digits.unet.norm_num_groups = 8
+  c.digits.unet.steps = 1500
+  c.digits.unet.batch_size = 64
+  c.digits.unet.lr = 1e-3
+  c.digits.unet.ema_decay = 0.999  # the pipeline gets the EMA weights
+  c.digits.unet.drop_prompt = 0.1  # fraction of steps conditioned on "" (for CFG)
+  c.digits.check_per_digit = 10    # teacher check after training: samples per digit (0 = off)
+  c.digits.check_guidance = 4.0    # ... 50-step DDIM (eta 0) with this CFG scale
+  c.digits.check_steps = 50
 
   c.pairs = ml_collections.ConfigDict()
   c.pairs.prompts = ""             # prompts.txt | prompts.jsonl | tfds:<name>[/<config>]/<split>
@@ -90,6 +131,8 @@ def base() -> ml_collections.ConfigDict:
   c.objective.mix_fraction = 0.25  # fake rows whose latent is swapped for another row's
 
   c.train = ml_collections.ConfigDict()
+  c.train.recipe = "diffusion2gan"  # diffusion2gan (teacher pairs: regression + GAN) | gdd (real
+                                   # latents, GAN only: GDD / GDD-I, arXiv 2405.20750; see gdd())
   c.train.pairs = ""               # pair dataset folder ('' = pairs.out_dir)
   c.train.num_steps = 20000
   c.train.batch_size = 64          # global; a multiple of the devices along (data, fsdp)
@@ -101,7 +144,8 @@ def base() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0       # > 0: AdamW
   c.train.warmup_steps = 500       # linear learning-rate warm-up from 0
   c.train.grad_clip = 1.0          # global-norm clipping (0 = off)
-  c.train.g_frozen = ""            # regex of generator params kept frozen ('' = none)
+  c.train.g_frozen = ""            # regex of generator params kept frozen ('' = none;
+                                   # "gdd_i" = GDD-I's preset, train.optim.FROZEN_PRESETS)
   c.train.d_frozen = ""            # regex of discriminator params kept frozen
   c.train.ema_decay = 0.999        # EMA of the generator (what is exported)
   c.train.dtype = "float32"        # compute dtype of G and D: float32 | bfloat16 (params fp32)
@@ -114,6 +158,33 @@ def base() -> ml_collections.ConfigDict:
   c.train.num_samples = 8          # validation pairs in the grid (the dataset's first ones)
   c.train.verify = "size"          # pair shard check when opening: none | size | sha256
   c.train.lock_stale_after_s = 300  # another host's lock without a heartbeat for this long is stale
+
+  # The digits demo's report (stage demo_report: demo.png, metrics.json).
+  c.demo = ml_collections.ConfigDict()
+  c.demo.samples_per_digit = 16    # noises per digit, the same for every sampler
+  c.demo.seed = 1234               # their seed (not the pairs': these are unseen noises)
+  c.demo.columns = 4               # samples per sampler shown in demo.png
+  c.demo.zoom = 3                  # demo.png pixel repetition
+  c.demo.lpips_draws = 8           # augmentation draws averaged for E-LatentLPIPS distances
+  c.demo.twoafc_per_family = 100   # stage digits_lpips_data: 2AFC triplets per family and split
+
+  # GDD's real data: images with captions -> the teacher VAE's latents (stage real_latents).
+  c.real = ml_collections.ConfigDict()
+  c.real.images = ""               # captioned:<root> (x.png + x.txt) | tfds:<name>/<split> |
+                                   # folder:<root> (class subfolders) with caption_template
+  c.real.tfds_data_dir = ""        # where the tfds dataset was prepared
+  c.real.image_key = "image"       # tfds image feature
+  c.real.caption_key = ""          # tfds caption feature path, e.g. captions/text (the first one)
+  c.real.label_key = "label"       # tfds ClassLabel feature, used with caption_template
+  c.real.caption_template = ""     # labelled sources: caption = template.format(class name)
+  c.real.image_size = 0            # square crop in pixels; 0 = the teacher's default resolution
+  c.real.num_examples = -1         # evenly spaced subset (-1: all)
+  c.real.dtype = "float32"         # stored latents: float32 | bfloat16 | float16
+  c.real.vae_dtype = "float32"     # VAE compute dtype: float32 | bfloat16
+  c.real.batch_size = 32           # global encoding batch (a multiple of the devices)
+  c.real.shard_size = 1024         # examples per ArrayRecord shard
+  c.real.workers = 8               # host threads decoding and resizing images
+  c.real.out_dir = ""              # '' = <workdir>/real_latents; the train stage reads it (gdd)
 
   c.export = ml_collections.ConfigDict()
   c.export.out_dir = ""            # diffusers pipeline folder ('' = <workdir>/export)
@@ -159,6 +230,90 @@ def base() -> ml_collections.ConfigDict:
   c.eval.clip = ml_collections.ConfigDict()
   c.eval.clip.path = ""            # a transformers CLIPModel folder ('' = CLIP score off)
   c.eval.clip.scale = 1.0          # 1: cosine, as the paper (0.347); 100: torchmetrics
+  # Training E-LatentLPIPS for a VAE: stages latent_cache, latent_vgg_train, latent_vgg_calibrate.
+  c.latent_vgg = lv = ml_collections.ConfigDict()
+  lv.out_dir = ""                  # caches, checkpoints, results and the weights
+  lv.encoder = "sd15"              # latent family the weights are for: sd15|sd21|sdxl|sd3|flux
+  lv.vae = ""                      # diffusers AutoencoderKL folder ('' = <teacher.path>/vae)
+  lv.vae_dtype = "float32"         # VAE compute dtype: float32 | bfloat16
+  lv.widths = (64, 128, 256, 512, 512)  # trunk block widths; VGG16's is the official layout
+
+  lv.cache = ml_collections.ConfigDict()
+  lv.cache.train = ""              # folder:<root> (one subfolder per class) | tfds:<name>/<split>
+  lv.cache.eval = ""               # the held-out split, same forms
+  lv.cache.tfds_data_dir = ""      # where the tfds dataset was prepared
+  lv.cache.image_key = "image"     # tfds image feature
+  lv.cache.label_key = "label"     # tfds ClassLabel feature
+  lv.cache.image_size = 256        # shorter side resized, then centre-cropped to this square
+  lv.cache.num_train = -1          # evenly spaced subset of the train source (-1: all)
+  lv.cache.num_eval = -1
+  lv.cache.bapps = ""              # BAPPS root holding 2afc/{train,val} ('' = no calibration data)
+  lv.cache.bapps_image_size = 64   # BAPPS patches are 64x64
+  lv.cache.num_bapps = -1          # evenly spaced subset of each BAPPS split (-1: all)
+  lv.cache.dtype = "float32"       # stored latents: float32 | bfloat16 | float16
+  lv.cache.batch_size = 32         # global encoding batch (a multiple of the devices)
+  lv.cache.shard_size = 1024       # examples per ArrayRecord shard
+  lv.cache.workers = 8             # host threads decoding and resizing images
+
+  lv.train = ml_collections.ConfigDict()
+  lv.train.head = "vgg"            # vgg (torchvision's classifier) | linear (pool + one layer)
+  lv.train.hidden = 4096           # vgg head width
+  lv.train.dropout = 0.5
+  lv.train.batch_size = 256        # global
+  lv.train.epochs = 90
+  lv.train.num_steps = -1          # -1: epochs x (train examples // batch_size)
+  lv.train.optimizer = "sgd"       # sgd (momentum) | adamw
+  lv.train.lr = 0.01
+  lv.train.momentum = 0.9          # sgd momentum; adamw's beta1
+  lv.train.weight_decay = 1e-4
+  lv.train.warmup_steps = 0        # linear warm-up
+  lv.train.lr_decay_epochs = (30, 60)  # multiply the lr by lr_decay at these epochs
+  lv.train.lr_decay = 0.1
+  lv.train.augment = ""            # latent augmentations per sample: b, g, c, o letters ('' = off)
+  lv.train.augment_p = 1.0         # probability multiplier of each augmentation
+  lv.train.bn_momentum = 0.9       # running statistics (torch's momentum 0.1)
+  lv.train.dtype = "float32"       # compute dtype: float32 | bfloat16
+  lv.train.log_every = 100
+  lv.train.eval_every = 5000       # steps between held-out top-1 evaluations (and at the end)
+  lv.train.checkpoint_every = 1000
+  lv.train.keep_checkpoints = 3
+  lv.train.eval_batch_size = 256   # global
+
+  lv.calibrate = ml_collections.ConfigDict()
+  lv.calibrate.trunk = ""          # trunk to calibrate ('' = latent_vgg_train's); any file
+                                   # load_latent_lpips reads, e.g. an official .pth.tar
+  lv.calibrate.batch_size = 64     # global (LPIPS: 50; a multiple of the devices here)
+  lv.calibrate.epochs = 5          # at the full learning rate (LPIPS: 5) ...
+  lv.calibrate.decay_epochs = 5    # ... then linearly to 0 (LPIPS: 5)
+  lv.calibrate.lr = 1e-4           # Adam (LPIPS: 1e-4, beta1 0.5)
+  lv.calibrate.beta1 = 0.5
+  lv.calibrate.hidden = 32         # width of the judgment network on (d0, d1)
+  lv.calibrate.dropout = 0.0       # dropout on the per-channel features (LPIPS drops pixels)
+  lv.calibrate.feature_batch_size = 64  # global, trunk feature pass
+  return c
+
+
+def gdd(c: ml_collections.ConfigDict, innate: bool = True) -> ml_collections.ConfigDict:
+  """`c` switched to the GDD recipe (GDD-I with `innate`: frozen convolutions), with the
+  optimiser settings of the GDD authors' ImageNet 64x64 runs (arXiv 2405.20750; official
+  code github.com/Zyriix/GDD, train.sh: Adam betas (0, 0.99), eps 1e-8, G lr 8e-6, D lr
+  4e-5, R1 gamma 1e-4 every 16 steps, batch 512, 10M images, no warm-up, no clipping).
+  README "GDD and GDD-I" says what differs from the paper and why."""
+  c.train.recipe = "gdd"
+  c.objective.regression_weight = 0.0  # no teacher targets: the GAN loss alone
+  c.objective.gan_weight = 1.0
+  c.objective.mix_fraction = 0.0     # mix-and-match and z-conditioning need (z, x) pairs
+  c.discriminator.z_cond = False
+  c.objective.r1_gamma = 1e-4
+  c.objective.r1_interval = 16
+  c.train.adam_b1, c.train.adam_b2, c.train.adam_eps = 0.0, 0.99, 1e-8
+  c.train.g_lr = 8e-6
+  c.train.d_lr = 4e-5
+  c.train.batch_size = 512
+  c.train.num_steps = 20000          # 10.2M images at batch 512 (the paper: 10M)
+  c.train.warmup_steps = 0
+  c.train.grad_clip = 0.0
+  c.train.g_frozen = "gdd_i" if innate else ""
   return c
 
 

@@ -6,10 +6,16 @@ data/, train/ and convert/ all import from here and no lower layer reaches into 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+# Files up to this size are fingerprinted by content (configs, tokenizers), larger ones
+# (weights) by name and size: a changed config or a swapped checkpoint changes it, and
+# hashing gigabytes of weights at every start is avoided.
+FINGERPRINT_CONTENT_BYTES = 8 << 20
 
 
 def atomic_write(path: str, write: Callable[[str], None]):
@@ -45,3 +51,20 @@ def load_json(path: str, what: str = "config") -> dict:
       return json.load(fh)
   except json.JSONDecodeError as e:
     raise ValueError(f"{what} file {path!r} is not valid JSON: {e}") from e
+
+
+def fingerprint(path: str, parts: Sequence[str] = ("",)) -> str:
+  """sha256 over the files of `parts` (files or folders, relative to `path`; default: all of
+  `path`): small files by content, large ones by name and size (FINGERPRINT_CONTENT_BYTES)."""
+  h = hashlib.sha256()
+  for part in parts:
+    top = os.path.join(path, part) if part else path
+    files = [top] if os.path.isfile(top) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs)
+    for file in files:
+      rel, size = os.path.relpath(file, path), os.path.getsize(file)
+      h.update(f"{rel}\0{size}\0".encode())
+      if size <= FINGERPRINT_CONTENT_BYTES:
+        with open(file, "rb") as fh:
+          h.update(hashlib.sha256(fh.read()).digest())
+  return h.hexdigest()

@@ -9,19 +9,36 @@ Stages (config.stages, comma-separated, run in the order given):
   train         Diffusion2GAN distillation: G (one UNet step) vs the multi-scale
                 conditional D, E-LatentLPIPS regression; resumable Orbax checkpoints
   export        the trained generator (EMA) as a diffusers pipeline folder + Orbax copy
+  eval          the paper's metrics table: FID, CLIP score, fidelity, diversity per row
+                (teacher N-step, student one-step), samples resumable like pairs
+  latent_cache  images and BAPPS 2AFC triplets -> VAE latents (ArrayRecord shards), for:
+  latent_vgg_train      the latent VGG16-BN trunk trained to classify latents (E-LatentLPIPS)
+  latent_vgg_calibrate  its LPIPS heads calibrated on BAPPS 2AFC judgments -> the loss weights
+  real_latents  captioned real images -> the teacher VAE's latents, the data of the GDD recipe
+                (train.recipe=gdd trains on them instead of pairs)
+  digits_vae    the digits demo: a tiny AutoencoderKL trained on scikit-learn's 8x8 digits,
+                written as a diffusers VAE folder under config.digits.dir
+  digits_teacher  a tiny text-conditioned UNet trained on that VAE's latents ("a handwritten
+                digit 7", prompt dropped for CFG), written with the VAE and a tiny CLIP text
+                encoder and tokenizer as a StableDiffusionPipeline folder at teacher.path
+  digits_lpips_data  the digits as class folders + proxy-judged 2AFC triplets for the demo's
+                latent VGG (latent_cache, latent_vgg_train, latent_vgg_calibrate then train it)
+  demo_report   the digits demo's demo.png and metrics.json (accuracy, diversity, distances)
 
 The whole run holds a lock on the workdir (and the pairs stage on its output folder):
 a second run on the same folder refuses at once, naming the first.
-  eval          the paper's metrics table: FID, CLIP score, fidelity, diversity per row
-                (teacher N-step, student one-step), samples resumable like pairs
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 import ml_collections
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.run")
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict], object]] = {}
 
@@ -38,11 +55,23 @@ def tiny_teacher(config):
   from d2g_jax import tiny
   path = config.teacher.path
   if os.path.isfile(os.path.join(path, "model_index.json")):
-    print(f"[tiny_teacher] {path} already exists; keeping it")
+    _log.info(f"{path} already exists; keeping it")
     return path
   tiny.build(config.teacher.tiny_family, path)
-  print(f"[tiny_teacher] wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
+  _log.info(f"wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
   return path
+
+
+@stage("digits_vae")
+def digits_vae(config):
+  from d2g_jax.demo import vae_train
+  return vae_train.run_vae(config)
+
+
+@stage("digits_teacher")
+def digits_teacher(config):
+  from d2g_jax.demo import teacher_train
+  return teacher_train.run_teacher(config)
 
 
 @stage("roundtrip")
@@ -85,6 +114,43 @@ def evaluate(config):
   return eval_stage.run_eval(config)
 
 
+@stage("latent_cache")
+def latent_cache(config):
+  from d2g_jax.data import latent_cache as latent_cache_lib
+  return latent_cache_lib.run_latent_cache(config)
+
+
+@stage("latent_vgg_train")
+def latent_vgg_train(config):
+  from d2g_jax.train import latent_vgg
+  return latent_vgg.run_train(config)
+
+
+@stage("latent_vgg_calibrate")
+def latent_vgg_calibrate(config):
+  from d2g_jax.train import latent_vgg_calibrate as calibrate
+  return calibrate.run_calibrate(config)
+
+
+@stage("real_latents")
+def real_latents(config):
+  from d2g_jax.data import real_latents as real_latents_lib
+  with _lock(config, config.real.out_dir):
+    return real_latents_lib.run_real_latents(config)
+
+
+@stage("digits_lpips_data")
+def digits_lpips_data(config):
+  from d2g_jax.demo import perceptual_data
+  return perceptual_data.run_data(config)
+
+
+@stage("demo_report")
+def demo_report(config):
+  from d2g_jax.demo import report
+  return report.run_report(config)
+
+
 def parse_stages(spec: str) -> list[str]:
   names = [s.strip() for s in spec.split(",") if s.strip()]
   unknown = [n for n in names if n not in STAGES]
@@ -94,9 +160,20 @@ def parse_stages(spec: str) -> list[str]:
   return names
 
 
+def _with_workdir(tree, workdir: str):
+  """Every string value with `{workdir}` in it, that placeholder replaced."""
+  if isinstance(tree, dict):
+    return {k: _with_workdir(v, workdir) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_with_workdir(v, workdir) for v in tree)
+  return tree.replace("{workdir}", workdir) if isinstance(tree, str) else tree
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy with the paths that default to places under `workdir` filled in."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  """A copy with `{workdir}` in string values replaced by the workdir, and the paths that
+  default to places under `workdir` filled in."""
+  config = ml_collections.ConfigDict(_with_workdir(config.to_dict(), os.path.abspath(
+      os.path.expanduser(config.workdir))))
   config.workdir = os.path.abspath(os.path.expanduser(config.workdir))
   if not config.teacher.path:
     config.teacher.path = os.path.join(config.workdir, "teacher")
@@ -110,6 +187,14 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.export.orbax_dir = os.path.join(config.workdir, "export_orbax")
   if not config.eval.out_dir:
     config.eval.out_dir = os.path.join(config.workdir, "eval")
+  if not config.latent_vgg.out_dir:
+    config.latent_vgg.out_dir = os.path.join(config.workdir, "latent_vgg")
+  if not config.latent_vgg.vae:
+    config.latent_vgg.vae = os.path.join(config.teacher.path, "vae")
+  if not config.real.out_dir:
+    config.real.out_dir = os.path.join(config.workdir, "real_latents")
+  if not config.digits.dir:
+    config.digits.dir = os.path.join(config.workdir, "digits")
   config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 
@@ -122,8 +207,8 @@ def run(config: ml_collections.ConfigDict):
     jax.distributed.initialize()  # reads the cluster (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS)
     from d2g_jax import log
     log.setup(process_index=jax.process_index())  # process 0 logs INFO, the others warnings
-    print(f"[run] process {jax.process_index()} of {jax.process_count()}, "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+    _log.info(f"process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} local / {jax.device_count()} global devices")
   os.makedirs(config.workdir, exist_ok=True)
   if config.compilation_cache_dir:
     import jax
@@ -132,6 +217,20 @@ def run(config: ml_collections.ConfigDict):
   results = {}
   with _lock(config, config.workdir):
     for name in names:
-      print(f"=== stage {name} ===", flush=True)
+      _log.info(f"=== stage {name} ===")
+      start = time.time()
       results[name] = STAGES[name](config)
+      _record_seconds(config.workdir, name, time.time() - start)
   return results
+
+
+def _record_seconds(workdir: str, stage_name: str, seconds: float):
+  """<workdir>/stage_seconds.json: the wall time of each stage's latest run (process 0)."""
+  import jax
+  from d2g_jax.files import load_json, save_json
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "stage_seconds.json")
+  times = load_json(path, "stage timings") if os.path.isfile(path) else {}
+  times[stage_name] = round(seconds, 2)
+  save_json(times, path)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.ndimage
 
 from d2g_jax.losses import augment as A
+from d2g_jax.losses import resample as R
 
 GROUP_POLICIES = ["b", "g", "c", "o"]
 ALL_POLICIES = GROUP_POLICIES + ["bg", "bgco"]
@@ -23,8 +23,7 @@ def _x(shape=(6, 8, 12, 4), seed=0):
 _pair = jax.jit(A.augment_pair, static_argnames=("policy",))
 _aug = jax.jit(A.augment, static_argnames=("policy",))
 _apply = jax.jit(A.apply_params)
-_resample = jax.jit(A.affine_resample)
-_blit = jax.jit(A.blit)
+_resample = jax.jit(R.affine_resample)
 _sample = jax.jit(A.sample_params, static_argnames=("batch", "height", "width", "policy"))
 
 
@@ -117,77 +116,105 @@ def test_dtype_jit_vmap():
                              atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- exactness
+# ----------------------------------------------------------------------------- resampling
 
 
-def test_flips_and_rot90_are_exact():
-  x = _x((16, 8, 8, 4))
-  params = _sample(jax.random.key(0), 16, 8, 8, "b", p=1.0)
-  params = params._replace(shift_Bx2=jnp.zeros_like(params.shift_Bx2))
-  out = np.asarray(_apply(params, x))
-  flips, ks = np.asarray(params.xflip_B), np.asarray(params.rot90_B)
-  assert len(set(zip(flips, ks))) >= 5  # the draw covers several combinations
-  for i in range(16):
-    ref = np.asarray(x[i])
-    ref = np.flip(ref, axis=1) if flips[i] else ref
-    np.testing.assert_array_equal(out[i], np.rot90(ref, ks[i], axes=(0, 1)))
+def _np_resample(img_HxW, inv_2x3):
+  """Reference of ADA's geometric pipeline in float64 numpy, one channel, spelt out as matrices:
+  reflect padding by H - 1 / W - 1, 2x upsampling (input k feeds 2x samples 2k - 5 .. 2k + 6
+  with weights 2 * sym6), bilinear sampling (zero outside) at the 2x grid extended by 5 samples
+  each side, and the adjoint filter to downsample."""
+  f = R.SYM6
+  H, W = img_HxW.shape
+
+  def up(n):
+    U = np.zeros((2 * n, n))
+    for k in range(n):
+      for t in range(12):
+        if 0 <= 2 * k + t - 5 < 2 * n:
+          U[2 * k + t - 5, k] += 2 * f[t]
+    return U
+
+  def down(n):  # 2x input index 0 is 2x position -5
+    D = np.zeros((n, 2 * n + 10))
+    for m in range(n):
+      D[m, 2 * m:2 * m + 12] = f
+    return D
+
+  xp = np.pad(np.asarray(img_HxW, np.float64), ((H - 1, H - 1), (W - 1, W - 1)), mode="reflect")
+  u = up(3 * H - 2) @ xp @ up(3 * W - 2).T
+  q_r, q_c = np.meshgrid(np.arange(-5, 2 * H + 5), np.arange(-5, 2 * W + 5), indexing="ij")
+  xs = inv_2x3[0, 0] * q_c + inv_2x3[0, 1] * q_r + 2 * inv_2x3[0, 2] + 2 * (W - 1)
+  ys = inv_2x3[1, 0] * q_c + inv_2x3[1, 1] * q_r + 2 * inv_2x3[1, 2] + 2 * (H - 1)
+  x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
+  z = np.zeros(xs.shape)
+  for dy in (0, 1):
+    for dx in (0, 1):
+      r, c = y0 + dy, x0 + dx
+      ok = (r >= 0) & (r < u.shape[0]) & (c >= 0) & (c < u.shape[1])
+      w = (1 - abs(xs - c)) * (1 - abs(ys - r))
+      z += np.where(ok, w * u[np.clip(r, 0, u.shape[0] - 1), np.clip(c, 0, u.shape[1] - 1)], 0)
+  return down(H) @ z @ down(W).T
 
 
-def test_blit_with_shift_matches_numpy_reflect():
-  x = _x((16, 8, 8, 4))
-  params = _sample(jax.random.key(1), 16, 8, 8, "b", p=1.0)
-  shifts = np.asarray(params.shift_Bx2)
-  assert np.abs(shifts).max() == 1 and np.any(shifts != 0)  # 1/8 of 8 pixels
-  big = jnp.array([[3, -2], [-4, 5]] + [[0, 0]] * 14, jnp.int32)  # larger shifts, reflect check
-  for shift_Bx2 in (params.shift_Bx2, big):
-    out = np.asarray(_apply(params._replace(shift_Bx2=shift_Bx2), x))
-    for i in range(16):
-      ref = np.asarray(x[i])
-      ref = np.flip(ref, axis=1) if params.xflip_B[i] else ref
-      ref = np.rot90(ref, int(params.rot90_B[i]), axes=(0, 1))
-      np.testing.assert_array_equal(out[i], _np_shift_reflect(ref, *np.asarray(shift_Bx2[i])))
+def test_sym6_is_pywavelets_symlet6():
+  pywt = pytest.importorskip("pywt")  # in the `test` extra; a constant check, not a parity test
+  dec_lo = np.asarray(pywt.Wavelet("sym6").dec_lo)
+  np.testing.assert_allclose(R.SYM6, dec_lo / dec_lo.sum(), atol=1e-8)
+  np.testing.assert_allclose(R.PHASE, 0.0982609, atol=1e-6)
 
 
-def test_blit_non_square():
-  x = _x((4, 8, 12, 4))
-  z = jnp.zeros((4,), jnp.int32)
-  out = np.asarray(_blit(x, jnp.array([1, 0, 0, 1]), jnp.array([0, 2, 1, 3]),
-                          jnp.zeros((4, 2), jnp.int32)))
-  xn = np.asarray(x)
-  np.testing.assert_array_equal(out[0], np.flip(xn[0], 1))
-  np.testing.assert_array_equal(out[1], np.rot90(xn[1], 2))
-  # Odd turns keep the 8x12 canvas: the centre 8 columns hold the centre 8 rows of np.rot90.
-  np.testing.assert_array_equal(out[2][:, 2:10], np.rot90(xn[2], 1)[2:10])
-  np.testing.assert_array_equal(out[3][:, 2:10], np.rot90(np.flip(xn[3], 1), 3)[2:10])
-  np.testing.assert_array_equal(np.asarray(_blit(x, z, z, jnp.zeros((4, 2), jnp.int32))), xn)
+def test_resampler_matches_numpy_reference():
+  x = _x((4, 7, 9, 3))
+  rng = np.random.default_rng(0)
+  inv = rng.normal(size=(4, 2, 3)).astype(np.float32)
+  inv[:, :, :2] += np.eye(2, dtype=np.float32)
+  inv[:, :, 2] *= 6  # far outside the image too: multiple reflections and the zero region
+  inv[3] = [[0, -1, 8], [1, 0, -1]]  # a quarter turn, on a non-square image
+  out = np.asarray(_resample(x, jnp.asarray(inv)))
+  for b in range(4):
+    for c in range(3):
+      np.testing.assert_allclose(out[b, :, :, c], _np_resample(np.asarray(x[b, :, :, c]), inv[b]),
+                                 atol=2e-5)
+
+
+def test_filter_gradients_are_the_adjoints():
+  """The hand-written backward passes of the 2x filters: <f(x), g> = <x, f^T(g)>."""
+  for f, shape in ((R.upsample2x, (2, 7, 9, 3)), (R.downsample2x, (2, 24, 28, 3))):
+    x = _x(shape, seed=1)
+    y, vjp = jax.vjp(f, x)
+    g = _x(y.shape, seed=2)
+    (xg,) = vjp(g)
+    np.testing.assert_allclose(float(jnp.vdot(y, g)), float(jnp.vdot(x, xg)), rtol=1e-5)
+    assert xg.shape == x.shape
 
 
 def test_resampler_identity_and_integer_shift():
   x = _x((3, 8, 12, 4))
   eye = jnp.tile(jnp.array([[1.0, 0, 0], [0, 1, 0]]), (3, 1, 1))
-  np.testing.assert_allclose(np.asarray(_resample(x, eye)), np.asarray(x), atol=1e-6)
+  # sym6 is orthogonal: down(up(x)) = x, so the identity and whole-pixel shifts stay exact.
+  np.testing.assert_allclose(np.asarray(_resample(x, eye)), np.asarray(x), atol=1e-5)
   dy, dx = 2, -3  # content moves down 2, left 3
   shift = eye.at[:, 0, 2].set(-dx).at[:, 1, 2].set(-dy)
   out = np.asarray(_resample(x, shift))
-  np.testing.assert_array_equal(out[:, dy:, :dx], np.asarray(x)[:, :-dy, -dx:])
   for i in range(3):  # and the border is the reflect padding
-    np.testing.assert_array_equal(out[i], _np_shift_reflect(np.asarray(x[i]), dy, dx))
+    np.testing.assert_allclose(out[i], _np_shift_reflect(np.asarray(x[i]), dy, dx), atol=1e-5)
+  # Flips are not exact (sym6 is not symmetric): a mirror about x = (W - 1 - PHASE) / 2.
+  flip = eye.at[:, 0, 0].set(-1.0).at[:, 0, 2].set(11.0)
+  assert float(jnp.abs(_resample(x, flip) - x[:, :, ::-1]).max()) > 0.1
 
 
-def test_resampler_matches_scipy_bilinear_mirror():
-  x = _x((4, 7, 9, 3))
-  rng = np.random.default_rng(0)
-  inv = rng.normal(size=(4, 2, 3)).astype(np.float32)
-  inv[:, :, 2] *= 6  # far outside the image too: multiple reflections
-  out = np.asarray(_resample(x, jnp.asarray(inv)))
-  rows, cols = np.meshgrid(np.arange(7), np.arange(9), indexing="ij")
-  for b in range(4):
-    xs = inv[b, 0, 0] * cols + inv[b, 0, 1] * rows + inv[b, 0, 2]
-    ys = inv[b, 1, 0] * cols + inv[b, 1, 1] * rows + inv[b, 1, 2]
-    for c in range(3):
-      ref = scipy.ndimage.map_coordinates(np.asarray(x[b, :, :, c], np.float64), [ys, xs],
-                                          order=1, mode="mirror")
-      np.testing.assert_allclose(out[b, :, :, c], ref, atol=2e-5)
+def _ramps(batch, height, width):
+  rows, cols = np.meshgrid(np.arange(height, dtype=np.float32),
+                           np.arange(width, dtype=np.float32), indexing="ij")
+  return jnp.asarray(np.broadcast_to(np.stack([cols, rows], -1), (batch, height, width, 2)))
+
+
+def _blits(batch, **kw):
+  z = jnp.zeros((batch,), jnp.int32)
+  fields = dict(xflip_B=z, rot90_B=z, shift_Bx2=jnp.zeros((batch, 2), jnp.int32))
+  fields.update({k: jnp.asarray(v, jnp.int32) for k, v in kw.items()})
+  return fields
 
 
 def _geom(batch, **kw):
@@ -195,27 +222,41 @@ def _geom(batch, **kw):
   fields = dict(log2_scale_B=z, theta_pre_B=z, log2_aniso_B=z, theta_post_B=z,
                 frac_shift_Bx2=jnp.zeros((batch, 2), jnp.float32))
   fields.update({k: jnp.asarray(v, jnp.float32) for k, v in kw.items()})
-  return A.AugParams(**fields)
+  return fields
 
 
-def test_geometric_conventions():
-  x = _x((1, 9, 9, 4))
-  xn = np.asarray(x[0])
-  # A quarter turn about the centre (positive angle turns +x towards +y = rows down).
-  for field in ("theta_pre_B", "theta_post_B"):
-    out = _apply(_geom(1, **{field: [math.pi / 2]}), x)
-    np.testing.assert_allclose(np.asarray(out[0]), np.rot90(xn, -1), atol=1e-5)
-  # 2x zoom about the centre pixel (4, 4).
-  out = np.asarray(_apply(_geom(1, log2_scale_B=[1.0]), x))[0]
-  np.testing.assert_allclose(out[4, 4], xn[4, 4], atol=1e-6)
-  np.testing.assert_allclose(out[6, 2], xn[5, 3], atol=1e-6)
-  np.testing.assert_allclose(out[5, 4], (xn[4, 4] + xn[5, 4]) / 2, atol=1e-6)
-  # Anisotropic: columns stretched by 2, rows squeezed by 2.
-  out = np.asarray(_apply(_geom(1, log2_aniso_B=[1.0]), x))[0]
-  np.testing.assert_allclose(out[5, 6], xn[6, 5], atol=1e-6)
-  # A whole-pixel fractional shift is the integer shift, same sign convention as blit.
-  out = np.asarray(_apply(_geom(1, frac_shift_Bx2=[[2.0, -1.0]]), x))[0]
-  np.testing.assert_allclose(out, _np_shift_reflect(xn, 2, -1), atol=1e-6)
+# (fields, L, t): in centred (x, y) = (col, row) coordinates, output q shows source L @ (q - t).
+_CONVENTIONS = [
+    (_blits(1, xflip_B=[1]), np.diag([-1.0, 1.0]), (0, 0)),
+    (_blits(1, rot90_B=[1]), np.array([[0.0, -1], [1, 0]]), (0, 0)),  # np.rot90: anticlockwise
+    (_blits(1, rot90_B=[1], xflip_B=[1]), np.array([[0.0, 1], [1, 0]]), (0, 0)),  # flip first
+    (_blits(1, shift_Bx2=[[2, -1]]), np.eye(2), (-1, 2)),  # content moves down 2, left 1
+    (_geom(1, theta_pre_B=[math.pi / 2]), np.array([[0.0, 1], [-1, 0]]), (0, 0)),  # +x to +y
+    (_geom(1, theta_post_B=[math.pi / 2]), np.array([[0.0, 1], [-1, 0]]), (0, 0)),
+    (_geom(1, log2_scale_B=[1.0]), np.eye(2) / 2, (0, 0)),  # 2x zoom
+    (_geom(1, log2_aniso_B=[1.0]), np.diag([0.5, 2.0]), (0, 0)),  # columns stretched by 2
+    (_geom(1, frac_shift_Bx2=[[0.5, -1.25]]), np.eye(2), (-1.25, 0.5)),
+    # b before g: the integer shift is zoomed with the content.
+    ({**_blits(1, shift_Bx2=[[1, 0]]), **_geom(1, log2_scale_B=[1.0])}, np.eye(2) / 2, (0, 2)),
+]
+
+
+@pytest.mark.parametrize("fields,inv_2x2,shift_xy", _CONVENTIONS)
+def test_geometric_conventions_on_ramps(fields, inv_2x2, shift_xy):
+  """sym6 reproduces linear ramps, so a ramp's output reads off the map that was applied: each
+  non-trivial map acts about the centre moved by PHASE / 2 (the official pipeline's too)."""
+  H, W = 28, 32  # non-square: quarter turns keep the canvas
+  out = np.asarray(_apply(A.AugParams(**fields), _ramps(1, H, W)))[0]
+  centre = np.array([(W - 1) / 2, (H - 1) / 2]) - R.PHASE / 2
+  rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+  q = np.stack([cols, rows], -1) - centre
+  source = q @ inv_2x2.T - np.asarray(shift_xy, np.float64) @ inv_2x2.T + centre
+  # Where the filters reach no border (6 pixels, more where the map minifies), the output is
+  # the source position itself.
+  margin = 6 * max(1.0, np.abs(inv_2x2).sum(1).max())
+  inside = np.all((source >= margin) & (source <= np.array([W, H]) - 1 - margin), -1)
+  assert inside.sum() >= 20
+  np.testing.assert_allclose(out[inside], source[inside], atol=2e-4)
 
 
 def test_colour_formulas():

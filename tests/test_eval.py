@@ -18,7 +18,7 @@ from d2g_jax.convert import load_unet
 from d2g_jax.convert.pipeline import export_pipeline
 from d2g_jax.data import pairs, shards
 from d2g_jax.data.source import PairSource
-from d2g_jax.evaluate import clip_score, fid as fid_lib, fidelity, stage
+from d2g_jax.evaluate import clip_score, fid as fid_lib, fidelity
 from test_inception import random_fid_state_dict
 from torch_utils import assert_close_to_scale, nchw, nhwc
 

@@ -19,3 +19,14 @@ def get_config():
   config.objective.r1_interval = 4
   config.sharding.min_size = 256
   return config
+
+
+def override(config, **values):
+  """Sets dotted keys, e.g. override(config, **{"train.num_steps": 2}); returns config."""
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

@@ -9,8 +9,15 @@ Sources understood:
     the trunk only; heads stay at their uncalibrated initialisation (with a warning).
   * torchvision `vgg16()` state dicts (`features.{i}.*`, e.g. `vgg16-397923af.pth`) and the `lpips`
     package's head files (`weights/v0.1/vgg.pth`, `lin{k}.model.1.weight`) for pixel LPIPS.
-  * `.safetensors` written by `save_lpips` (the module layout, readable without torch).
+  * `.safetensors` written by `save_lpips` (the module layout, readable without torch; its
+    metadata names the encoder and the trunk widths, so a narrow trained trunk loads too).
 Pickles are read with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+
+The inverse, for weights trained here (`d2g_jax.train.latent_vgg*`), uses the same tables:
+`export_official` writes `{encoder}_latest_vgg16_tuned.pth` and `export_classifier`
+`{encoder}_latent_vgg16.pth.tar`, the files the official `elatentlpips` package loads from
+`./ckpt/` (the classifier file loads there strictly only with torchvision's head: head "vgg",
+hidden 4096, 1000 classes).
 
 Weights: https://huggingface.co/Mingguksky/elatentlpips/tree/main/elatentlpips_ckpt (E-LatentLPIPS,
 CC BY-NC), https://download.pytorch.org/models/vgg16-397923af.pth (torchvision VGG16).
@@ -31,9 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2g_jax.convert.core import (CONV, IDENTITY, ConversionError, Entry, Table, TensorSource,
-                                  from_state_dict, open_weights, save_safetensors, to_flax,
-                                  to_torch)
+from d2g_jax.convert.core import (CONV, IDENTITY, LINEAR, ConversionError, Entry, Table,
+                                  TensorSource, from_state_dict, open_weights, save_safetensors,
+                                  to_flax, to_torch)
+from d2g_jax.files import atomic_write
 from d2g_jax.models.latent_vgg import (ENCODERS, LPIPS, WIDTHS, LPIPSConfig, VGGConfig, conv_layers,
                                        init_params, param_shapes)
 
@@ -41,6 +49,9 @@ ELATENTLPIPS_URL = "https://huggingface.co/Mingguksky/elatentlpips/tree/main/ela
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 KeyOf = Callable[[int, int], str]  # (block, features index) -> PyTorch module prefix
+TUNED_FILE = "{encoder}_latest_vgg16_tuned.pth"      # official: trunk + calibrated heads
+TRUNK_FILE = "{encoder}_latent_vgg16.pth.tar"        # official: the latent VGG16-BN classifier
+OURS_FILE = "{encoder}_elatentlpips.safetensors"     # save_lpips, module layout
 
 
 def module_key(block: int, index: int) -> str:
@@ -80,6 +91,20 @@ def lpips_table(cfg: LPIPSConfig) -> Table:
   """The whole module: `net/...` and `lin{k}/...`, in the official module layout."""
   table = {("net",) + path: entry for path, entry in trunk_table(cfg.vgg).items()}
   table.update(heads_table())
+  return table
+
+
+def classifier_table(cfg: VGGConfig, head: str) -> Table:
+  """`LatentVGGClassifier` params -> the official classifier checkpoint's keys
+  (`model.features.{i}.*`, and torchvision's `model.classifier.{0,3,6}.*` for head "vgg";
+  `model.classifier.*` for the small "linear" head)."""
+  table = {("net",) + path: entry
+           for path, entry in trunk_table(cfg, features_key("model.")).items()}
+  names = {"vgg": ("classifier_0", "classifier_3", "classifier_6"), "linear": ("classifier",)}[head]
+  for name in names:
+    torch_name = "model." + name.replace("_", ".")
+    table[(name, "kernel")] = Entry(f"{torch_name}.weight", LINEAR)
+    table[(name, "bias")] = Entry(f"{torch_name}.bias", IDENTITY)
   return table
 
 
@@ -168,7 +193,34 @@ def _random(module: LPIPS, trunk: bool = True) -> dict[str, Any]:
   if trunk:
     return init_params(module)
   return {f"lin{k}": {"model_1": {"kernel": np.ones((1, 1, w, 1), np.float32)}}
-          for k, w in enumerate(WIDTHS)}
+          for k, w in enumerate(module.config.vgg.widths)}
+
+
+def safetensors_metadata(path: str) -> dict[str, str]:
+  """The string metadata of a `.safetensors` file ({} when it has none)."""
+  from safetensors import safe_open
+  try:
+    with safe_open(path, "np") as fh:
+      return dict(fh.metadata() or {})
+  except Exception as e:  # safetensors raises its own error types
+    raise ConversionError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def _file_widths(path: str, encoder: str) -> tuple[int, ...]:
+  """Trunk widths recorded by `save_lpips` (VGG16's for files without them); checks the
+  recorded encoder."""
+  if not path.endswith(".safetensors"):
+    return WIDTHS
+  meta = safetensors_metadata(path)
+  if meta.get("encoder", encoder) != encoder:
+    raise ConversionError(f"{path} holds E-LatentLPIPS weights for encoder "
+                          f"{meta['encoder']!r}, not {encoder!r}; set the loss's encoder to "
+                          f"{meta['encoder']!r} or pass the weights of {encoder!r}.")
+  try:
+    return tuple(int(w) for w in meta["widths"].split(",")) if "widths" in meta else WIDTHS
+  except ValueError:
+    raise ConversionError(f"{path}: metadata widths={meta['widths']!r} is not a comma-separated "
+                          "list of integers") from None
 
 
 def _warn(message: str):
@@ -180,17 +232,36 @@ def _as_jax(tree, dtype):
 
 
 # ------------------------------------------------------------ entry points
+def find_weights(path: str, encoder: str) -> str:
+  """`path` itself, or in a folder the first of {encoder}_latest_vgg16_tuned.pth,
+  {encoder}_elatentlpips.safetensors, {encoder}_latent_vgg16.pth.tar."""
+  if not os.path.isdir(path):
+    return path
+  names = [n.format(encoder=encoder) for n in (TUNED_FILE, OURS_FILE, TRUNK_FILE)]
+  found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+  if not found:
+    raise FileNotFoundError(f"no E-LatentLPIPS weights for encoder {encoder!r} in {path!r}: "
+                            f"looked for {', '.join(names)}. Download them from "
+                            f"{ELATENTLPIPS_URL}, or train them (latent_vgg_train and "
+                            "latent_vgg_calibrate stages).")
+  return found[0]
+
+
 def load_latent_lpips(path: str | None, encoder: str = "sd15", *, augment: str | None = "bg",
                       augment_p: float = 1.0, l1: bool = True, dtype=jnp.float32,
                       param_dtype=jnp.float32) -> tuple[LPIPS, Any]:
   """(module, params) of E-LatentLPIPS for `encoder` (sd15, sd21, sdxl, sd3, flux).
 
   `path`: `{encoder}_latest_vgg16_tuned.pth` (trunk and heads), `{encoder}_latent_vgg16.pth.tar`
-  (trunk only), a `.safetensors` from `save_lpips`, a folder holding one of those, or None
-  (random initialisation; warns). `module.apply({"params": params}, a, b)` gives per-sample
+  (trunk only), a `.safetensors` from `save_lpips` (e.g. the `latent_vgg_calibrate` stage's
+  `{encoder}_elatentlpips.safetensors`), a folder holding one of those, or None (random
+  initialisation; warns). `module.apply({"params": params}, a, b)` gives per-sample
   distances of NHWC latents; add `augment=True, rngs={"augment": key}` for the ensemble.
   """
-  cfg = LPIPSConfig.latent(encoder, augment=augment, l1=l1, augment_p=augment_p)
+  if path is not None:
+    path = find_weights(path, encoder)
+  widths = WIDTHS if path is None or not os.path.isfile(path) else _file_widths(path, encoder)
+  cfg = LPIPSConfig.latent(encoder, augment=augment, l1=l1, augment_p=augment_p, widths=widths)
   module = LPIPS(cfg, dtype=dtype, param_dtype=param_dtype)
   shapes = param_shapes(module)
   if path is None:
@@ -199,15 +270,6 @@ def load_latent_lpips(path: str | None, encoder: str = "sd15", *, augment: str |
           f"E-LatentLPIPS. Download {encoder}_latest_vgg16_tuned.pth from {ELATENTLPIPS_URL} "
           f"and pass its path.")
     return module, _as_jax(_random(module), param_dtype)
-  if os.path.isdir(path):
-    names = [f"{encoder}_latest_vgg16_tuned.pth", f"{encoder}_elatentlpips.safetensors",
-             f"{encoder}_latent_vgg16.pth.tar"]
-    found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-    if not found:
-      raise FileNotFoundError(f"no E-LatentLPIPS weights for encoder {encoder!r} in {path!r}: "
-                              f"looked for {', '.join(names)}. Download them from "
-                              f"{ELATENTLPIPS_URL}.")
-    path = found[0]
   obj = read_checkpoint(path)
   if "state_dict" in obj:  # the latent VGG16-BN classifier: trunk only
     source = from_state_dict(_trunk_state(obj, path), path)
@@ -279,9 +341,89 @@ def load_pixel_lpips(vgg_path: str | None = None, lin_path: str | None = "defaul
 
 
 def save_lpips(module: LPIPS, params: Any, path: str):
-  """Writes params as `.safetensors` in the official module layout (loadable without torch)."""
-  state = to_torch(lpips_table(module.config), jax.tree.map(np.asarray, params), dtype=np.float32)
-  save_safetensors(state, path)
+  """Writes params as `.safetensors` in the official module layout (loadable without torch);
+  the metadata records the encoder and the trunk widths."""
+  cfg = module.config
+  state = to_torch(lpips_table(cfg), jax.tree.map(np.asarray, params), dtype=np.float32)
+  save_safetensors(state, path, metadata={
+      "format": "pt", "encoder": cfg.encoder or "pixel",
+      "widths": ",".join(str(w) for w in cfg.vgg.widths)})
+
+
+# ------------------------------------------------------------ official export
+def _check_official(cfg: VGGConfig, encoder: str | None, what: str):
+  if encoder not in ENCODERS:
+    raise ConversionError(f"{what}: the official layout exists for encoders {sorted(ENCODERS)}, "
+                          f"not {encoder!r}")
+  if tuple(cfg.widths) != WIDTHS or not cfg.batch_norm:
+    raise ConversionError(f"{what}: the official layout is VGG16-BN with widths {WIDTHS}; this "
+                          f"trunk has widths {tuple(cfg.widths)}. Keep it in the safetensors "
+                          "layout (save_lpips), which d2g_jax loads.")
+
+
+def _bn_counters(cfg: VGGConfig, key_of: KeyOf, count: int) -> dict[str, np.ndarray]:
+  """`num_batches_tracked` buffers of every batch norm (torch's strict loading wants them)."""
+  return {f"{key_of(l.block, l.index + 1)}.num_batches_tracked": np.asarray(count, np.int64)
+          for l in conv_layers(cfg)}
+
+
+def _torch_save(obj: Any, path: str):
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError(f"writing {path} (a PyTorch pickle) needs torch: pip install "
+                          "'d2g_jax[torch]'") from e
+  as_torch = lambda d: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
+  if "state_dict" in obj:
+    obj = {k: as_torch(v) if k == "state_dict" else v for k, v in obj.items()}
+  else:
+    obj = as_torch(obj)
+  atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def official_state_dict(module: LPIPS, params: Any, num_batches_tracked: int = 0
+                        ) -> dict[str, np.ndarray]:
+  """The `elatentlpips.ELatentLPIPS` state dict of `params` (numpy): trunk, heads, the aliased
+  `lins.{k}` heads and the batch norms' `num_batches_tracked`."""
+  cfg = module.config
+  _check_official(cfg.vgg, cfg.encoder, "export_official")
+  state = to_torch(lpips_table(cfg), jax.tree.map(np.asarray, params), dtype=np.float32)
+  state.update(_bn_counters(cfg.vgg, module_key, num_batches_tracked))
+  for k in range(len(WIDTHS)):
+    state[f"lins.{k}.model.1.weight"] = state[f"lin{k}.model.1.weight"]
+  return state
+
+
+def export_official(module: LPIPS, params: Any, folder: str, *, num_batches_tracked: int = 0
+                    ) -> str:
+  """Writes `{folder}/{encoder}_latest_vgg16_tuned.pth` (needs torch); returns its path.
+
+  `elatentlpips.ELatentLPIPS(encoder=..., pretrained=True)` run from the folder above
+  `ckpt/` loads it strictly (put it in `<dir>/ckpt/`).
+  """
+  path = os.path.join(folder, TUNED_FILE.format(encoder=module.config.encoder))
+  _torch_save(official_state_dict(module, params, num_batches_tracked), path)
+  return path
+
+
+def export_classifier(module: Any, params: Any, folder: str, encoder: str, *,
+                      best_acc1: float, epoch: int, num_batches_tracked: int = 0) -> str:
+  """Writes the trained latent VGG16-BN classifier as `{folder}/{encoder}_latent_vgg16.pth.tar`
+  (`{"state_dict", "best_acc1", "epoch", "arch"}`, as the official file); needs torch.
+
+  `module` is a `LatentVGGClassifier`, `params` its params with the batch-norm statistics
+  merged in (`latent_vgg.merge_batch_stats`). `best_acc1` is in percent, as torchvision's
+  ImageNet recipe writes it.
+  """
+  cfg = module.config
+  _check_official(cfg, encoder, "export_classifier")
+  state = to_torch(classifier_table(cfg, module.head), jax.tree.map(np.asarray, params),
+                   dtype=np.float32)
+  state.update(_bn_counters(cfg, features_key("model."), num_batches_tracked))
+  path = os.path.join(folder, TRUNK_FILE.format(encoder=encoder))
+  _torch_save({"state_dict": state, "best_acc1": float(best_acc1), "epoch": int(epoch),
+               "arch": "vgg16_bn"}, path)
+  return path
 
 
 def main(argv=None):

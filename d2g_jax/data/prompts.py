@@ -139,10 +139,11 @@ def _as_text(value: Any) -> str:
   raise TypeError(type(value).__name__)
 
 
-def open_tfds(name: str, split: str, data_dir: str | None = None):
-  """(data source, description) of a tfds split prepared (ArrayRecord) under `data_dir`.
-
-  Image and video features are not decoded: their values are the encoded bytes.
+def open_tfds(name: str, split: str, data_dir: str | None = None,
+              error: type[ValueError] = PromptError):
+  """(tfds module, builder, data source, description) of a split of a tfds dataset prepared
+  in the ArrayRecord format, read from its files alone (no TensorFlow); image and video
+  features are left undecoded (bytes). Raises `error` (or FileNotFoundError) saying what to do.
   """
   tfds = _import_tfds()
   from tensorflow_datasets.core import read_only_builder
@@ -159,25 +160,25 @@ def open_tfds(name: str, split: str, data_dir: str | None = None):
           if isinstance(f, (tfds.features.Image, tfds.features.Video))}
   formats = sorted(str(getattr(f, "value", f)) for f in builder.info.available_file_formats())
   if "array_record" not in formats:
-    raise PromptError(f"tfds dataset {name} ({builder.data_dir}) is stored as {formats}; reading "
-                      "it without TensorFlow needs the array_record format. Prepare it again "
-                      "with file_format='array_record', or convert it once (`tfds "
-                      "convert_format`, which needs TensorFlow).")
+    raise error(f"tfds dataset {name} ({builder.data_dir}) is stored as {formats}; reading "
+                "it without TensorFlow needs the array_record format. Prepare it again "
+                "with file_format='array_record', or convert it once (`tfds "
+                "convert_format`, which needs TensorFlow).")
   desc = f"tfds dataset {builder.info.full_name} split {split!r} ({builder.data_dir})"
   try:
     source = builder.as_data_source(split=split, decoders=skip or None)
   except (KeyError, ValueError) as e:
-    raise PromptError(f"cannot open {desc}: {e}") from e
+    raise error(f"cannot open {desc}: {e}") from e
   if len(source) == 0:
-    raise PromptError(f"{desc} is empty")
-  return source, desc
+    raise error(f"{desc} is empty")
+  return tfds, builder, source, desc
 
 
 def read_tfds(name: str, split: str, *, data_dir: str | None = None,
               caption_key: str | None = None, all_captions: bool = False,
               read_batch: int = 1024) -> list[str]:
   """Captions of a tfds dataset prepared (ArrayRecord format) under `data_dir`."""
-  source, desc = open_tfds(name, split, data_dir)
+  _, _, source, desc = open_tfds(name, split, data_dir)
   prompts: list[str] = []
   key = caption_key
   for start in range(0, len(source), read_batch):

@@ -1,12 +1,13 @@
-"""On-disk format of a pair dataset: ArrayRecord shards, sidecars and a manifest.
+"""On-disk format of a sharded dataset (pairs, latents, ...): ArrayRecord shards, sidecars
+and a manifest.
 
-A dataset folder holds
+A dataset folder holds (`pairs` is the layout's prefix: `latents` for a latent cache)
 
   manifest.json                          the run's config and, once complete, every shard
-  pairs-SSSSS-of-NNNNN.array_record      one record per pair, pairs in index order
+  pairs-SSSSS-of-NNNNN.array_record      one record per example, examples in index order
   pairs-SSSSS-of-NNNNN.json              sidecar: written last, marks the shard as complete
 
-Shard `s` of size `S` holds the pairs with global indices [s*S, min((s+1)*S, N)).
+Shard `s` of size `S` holds the examples with global indices [s*S, min((s+1)*S, N)).
 A record is a msgpack map (flax.serialization): str -> int | str | numpy array, arrays
 stored with their dtype name and shape (`decode_record` restores them). ArrayRecord
 files are written with `group_size:1` (random access, as grain requires), uncompressed
@@ -20,6 +21,7 @@ shard without a sidecar is unfinished and is rewritten on resume.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,11 +31,25 @@ from flax import serialization
 
 from d2g_jax.files import atomic_write, load_json
 
-FORMAT = "d2g_jax.pairs"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 VERIFY_MODES = ("none", "size", "sha256")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """One kind of sharded dataset: file prefix, manifest format name, the stage that writes it."""
+  prefix: str   # file names: <prefix>-SSSSS-of-NNNNN.array_record
+  format: str   # the manifest's "format"
+  stage: str    # named in errors: "run the <stage> stage again"
+  unit: str     # what one record is, in messages: "pair", "latent"
+
+
+PAIRS = Layout("pairs", "d2g_jax.pairs", "pairs", "pair")
+LATENTS = Layout("latents", "d2g_jax.latents", "latent_cache", "example")
+LAYOUTS = {layout.format: layout for layout in (PAIRS, LATENTS)}
+FORMAT = PAIRS.format
 
 
 class ShardError(ValueError):
@@ -41,13 +57,13 @@ class ShardError(ValueError):
 
 
 # ---------------------------------------------------------------- names
-def shard_name(shard: int, num_shards: int) -> str:
+def shard_name(shard: int, num_shards: int, layout: Layout = PAIRS) -> str:
   width = max(5, len(str(num_shards)))
-  return f"pairs-{shard:0{width}d}-of-{num_shards:0{width}d}.array_record"
+  return f"{layout.prefix}-{shard:0{width}d}-of-{num_shards:0{width}d}.array_record"
 
 
-def sidecar_name(shard: int, num_shards: int) -> str:
-  return shard_name(shard, num_shards)[:-len(".array_record")] + ".json"
+def sidecar_name(shard: int, num_shards: int, layout: Layout = PAIRS) -> str:
+  return shard_name(shard, num_shards, layout)[:-len(".array_record")] + ".json"
 
 
 def temp_name(name: str) -> str:
@@ -131,7 +147,8 @@ class ShardWriter:
 
 
 # ------------------------------------------------------------- checking
-def check_shard(folder: str, info: Mapping[str, Any], verify: str = "size"):
+def check_shard(folder: str, info: Mapping[str, Any], verify: str = "size",
+                layout: Layout = PAIRS):
   """Raises ShardError unless the shard file matches `info` (its sidecar/manifest entry).
 
   `verify`: "none" (exists), "size" (exists, byte size: catches truncation) or
@@ -142,40 +159,45 @@ def check_shard(folder: str, info: Mapping[str, Any], verify: str = "size"):
   path = os.path.join(folder, info["name"])
   if not os.path.isfile(path):
     raise ShardError(f"shard {path} is missing (listed as complete with "
-                     f"{info['num_records']} pairs). If it was deleted on purpose, delete its "
-                     ".json sidecar too and run the pair stage again to regenerate it.")
+                     f"{info['num_records']} {layout.unit}s). If it was deleted on purpose, "
+                     f"delete its .json sidecar too and run the {layout.stage} stage again to "
+                     "regenerate it.")
   if verify == "none":
     return
   size = os.path.getsize(path)
   if size != info["bytes"]:
     raise ShardError(f"shard {path} is {size} bytes; its record says {info['bytes']}: the file "
                      "is truncated or was overwritten. Delete it and its .json sidecar, then "
-                     "run the pair stage again to regenerate it.")
+                     f"run the {layout.stage} stage again to regenerate it.")
   if verify == "sha256":
     digest = file_sha256(path)
     if digest != info["sha256"]:
       raise ShardError(f"shard {path} is corrupt: sha256 {digest}, expected {info['sha256']}. "
-                       "Delete it and its .json sidecar, then run the pair stage again.")
+                       f"Delete it and its .json sidecar, then run the {layout.stage} stage "
+                       "again.")
 
 
-def read_manifest(folder: str) -> dict[str, Any]:
-  """The manifest of a pair dataset folder, with its format checked."""
+def read_manifest(folder: str, layout: Layout | None = PAIRS) -> dict[str, Any]:
+  """The manifest of a dataset folder, with its format checked (`layout=None`: any layout)."""
   path = os.path.join(folder, MANIFEST)
+  what = f"{layout.prefix} dataset" if layout else "sharded dataset"
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"pair dataset folder {folder!r} does not exist")
-  manifest = load_json(path, "pair dataset manifest")
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"{path} is not a pair dataset manifest (format {manifest.get('format')!r}, "
-                     f"expected {FORMAT!r})")
+    raise FileNotFoundError(f"{what} folder {folder!r} does not exist")
+  manifest = load_json(path, f"{what} manifest")
+  expected = [layout.format] if layout else sorted(LAYOUTS)
+  if manifest.get("format") not in expected:
+    raise ValueError(f"{path} is not a {what} manifest (format {manifest.get('format')!r}, "
+                     f"expected {' or '.join(map(repr, expected))})")
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path} has format version {manifest.get('format_version')}; this code "
                      f"reads version {FORMAT_VERSION}")
   return manifest
 
 
-def read_sidecar(folder: str, shard: int, num_shards: int) -> dict[str, Any] | None:
+def read_sidecar(folder: str, shard: int, num_shards: int,
+                 layout: Layout = PAIRS) -> dict[str, Any] | None:
   """A shard's completion record, or None when the shard is not complete."""
-  path = os.path.join(folder, sidecar_name(shard, num_shards))
+  path = os.path.join(folder, sidecar_name(shard, num_shards, layout))
   if not os.path.isfile(path):
     return None
   return load_json(path, "shard sidecar")

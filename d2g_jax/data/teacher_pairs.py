@@ -26,7 +26,6 @@ so the fp32 embeddings can always be recomputed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from typing import Callable, Sequence
@@ -35,18 +34,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2g_jax import sampling
+from d2g_jax import files, sampling
 from d2g_jax.data import pairs as pairs_lib
 from d2g_jax.data import shards as fmt
+from d2g_jax.data import writer
 from d2g_jax.data.prompts import load_prompts
 from d2g_jax.teacher import Teacher, encode_tokens, load_teacher
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.data.teacher_pairs")
 
 EMBED_DTYPE = jnp.float16  # stored text embeddings (see the module docstring)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Files up to this size are fingerprinted by content (configs, tokenizers), larger ones
-# (weights) by name and size: a changed config or a swapped checkpoint changes it, and
-# hashing gigabytes of weights at every start is avoided.
-FINGERPRINT_CONTENT_BYTES = 8 << 20
 FINGERPRINT_PARTS = ("model_index.json", "scheduler", "unet", "text_encoder", "tokenizer",
                      "text_encoder_2", "tokenizer_2")
 
@@ -163,19 +162,8 @@ def teacher_fns(teacher: Teacher, *, guidance_scale: float, num_steps: int, eta:
 # ------------------------------------------------------------------ the stage
 def teacher_fingerprint(path: str, parts: Sequence[str] = FINGERPRINT_PARTS) -> str:
   """sha256 over the pipeline parts the pair stage uses (`parts`, files or folders under
-  `path`): small files by content, weights by name and size (see FINGERPRINT_CONTENT_BYTES)."""
-  h = hashlib.sha256()
-  for part in parts:
-    top = os.path.join(path, part)
-    files = [top] if os.path.isfile(top) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs)
-    for file in files:
-      rel, size = os.path.relpath(file, path), os.path.getsize(file)
-      h.update(f"{rel}\0{size}\0".encode())
-      if size <= FINGERPRINT_CONTENT_BYTES:
-        with open(file, "rb") as fh:
-          h.update(hashlib.sha256(fh.read()).digest())
-  return h.hexdigest()
+  `path`; `files.fingerprint`: small files by content, weights by name and size)."""
+  return files.fingerprint(path, parts)
 
 
 def _prompts(config) -> list[str]:
@@ -218,26 +206,6 @@ def _expected_config(config, meta: dict, prompts: list[str], shape) -> dict:
       "prompts_sha256": pairs_lib.prompts_sha256(prompts)}))
 
 
-def _existing(out_dir: str, expected: dict) -> dict | None:
-  """The folder's manifest if this config already completed it; None if there is nothing
-  or work is left (a shard and its sidecar deleted, say); raises if another config
-  made it, listing the differences."""
-  path = os.path.join(out_dir, fmt.MANIFEST)
-  if not os.path.exists(path):
-    return None
-  manifest = fmt.read_manifest(out_dir)
-  found = {k: manifest["config"].get(k) for k in expected}
-  pairs_lib._check_config(path, found, expected)
-  if manifest["status"] != "complete":
-    return None
-  for s in range(manifest["num_shards"]):
-    info = fmt.read_sidecar(out_dir, s, manifest["num_shards"])
-    if info is None:
-      return None
-    fmt.check_shard(out_dir, info, "size")
-  return manifest
-
-
 def run_pairs(config) -> dict:
   """The pairs stage: `config.pairs.*` prompts -> (z, c, x) shards in `config.pairs.out_dir`.
 
@@ -256,21 +224,22 @@ def run_pairs(config) -> dict:
   prompts = _prompts(config)
   meta = _meta(config, info_only, shape)
   num_shards = -(-len(prompts) // c.shard_size) if c.shard_size > 0 else 0
-  print(f"[pairs] teacher {path} ({info_only.family}, {config.teacher.dtype}); "
+  _log.info(f"teacher {path} ({info_only.family}, {config.teacher.dtype}); "
         f"{len(prompts)} prompts from {c.prompts}")
-  print(f"[pairs] {c.num_steps}-step DDIM (eta {c.eta}), guidance {c.guidance_scale}, "
+  _log.info(f"{c.num_steps}-step DDIM (eta {c.eta}), guidance {c.guidance_scale}, "
         f"{meta['resolution'][0]}x{meta['resolution'][1]} px = latents {shape}; "
         f"global batch {c.batch_size}, {num_shards} shards of {c.shard_size} -> {out_dir}")
 
-  done = _existing(out_dir, _expected_config(config, meta, prompts, shape))
+  done = writer.existing_manifest(out_dir, fmt.PAIRS,
+                                 _expected_config(config, meta, prompts, shape))
   if done is not None:
-    print(f"[pairs] {out_dir} is already complete ({done['num_examples']} pairs); nothing to do")
+    _log.info(f"{out_dir} is already complete ({done['num_examples']} pairs); nothing to do")
     return done
   if os.path.exists(os.path.join(out_dir, fmt.MANIFEST)):
-    print(f"[pairs] resuming the unfinished run in {out_dir}: complete shards are kept, the "
+    _log.info(f"resuming the unfinished run in {out_dir}: complete shards are kept, the "
           "others are generated")
   else:
-    print("[pairs] new dataset; if interrupted, run the same command again to resume")
+    _log.info("new dataset; if interrupted, run the same command again to resume")
 
   dtype = DTYPES[config.teacher.dtype]
   teacher = load_teacher(path, dtype=dtype, param_dtype=dtype, components=("unet", "text"),
@@ -283,7 +252,7 @@ def run_pairs(config) -> dict:
       out_dir, prompts, generate_fn, latent_shape=shape, seed=config.seed,
       batch_size=c.batch_size, shard_size=c.shard_size, manifest_meta=meta, params=params,
       encode_fn=encode_fn)
-  print(f"[pairs] complete: {manifest['num_examples']} pairs in {manifest['num_shards']} shards "
+  _log.info(f"complete: {manifest['num_examples']} pairs in {manifest['num_shards']} shards "
         f"({manifest['total_bytes'] / 2**20:.1f} MiB) in {out_dir}; record: "
         + ", ".join(f"{k} {v}" for k, v in manifest["record"].items()))
   return manifest

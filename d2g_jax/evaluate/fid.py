@@ -38,6 +38,9 @@ from d2g_jax.evaluate import images as images_lib
 from d2g_jax.evaluate.fidelity import jitted_apply
 from d2g_jax.evaluate.resize import fid_resize, resize_host
 from d2g_jax.files import atomic_write
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.evaluate.fid")
 
 FID_SIZE = 299
 
@@ -188,10 +191,10 @@ def reference_statistics(spec: str, module, params, *, cache_dir: str, weights_s
     mu, sigma = load_stats(path)
     with np.load(path) as f:
       info = json.loads(str(f["meta"]))
-    print(f"[eval] FID reference statistics from the cache {path} "
+    _log.info(f"FID reference statistics from the cache {path} "
           f"({info.get('num_images')} images)")
     return mu, sigma, {**info, "cache": path}
-  print(f"[eval] computing FID reference statistics of {spec} (cached in {path})")
+  _log.info(f"computing FID reference statistics of {spec} (cached in {path})")
   features = image_features(spec, module, params, data_dir=data_dir, image_key=image_key,
                             limit=limit, center_crop=center_crop, resolution=resolution,
                             batch_size=batch_size, threads=threads)

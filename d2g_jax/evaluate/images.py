@@ -51,7 +51,7 @@ def iter_images(spec: str, *, data_dir: str | None = None, image_key: str = "ima
   if spec.startswith("tfds:"):
     from d2g_jax.data.prompts import _lookup, open_tfds
     name, _, split = spec[len("tfds:"):].rpartition("/")
-    source, desc = open_tfds(name, split, data_dir)
+    _, _, source, desc = open_tfds(name, split, data_dir)
     n = len(source) if limit < 0 else min(limit, len(source))
     for i in range(n):
       example = source[i]
@@ -74,7 +74,7 @@ def count_images(spec: str, *, data_dir: str | None = None, limit: int = -1) -> 
   if spec.startswith("tfds:"):
     from d2g_jax.data.prompts import open_tfds
     name, _, split = spec[len("tfds:"):].rpartition("/")
-    n = len(open_tfds(name, split, data_dir)[0])
+    n = len(open_tfds(name, split, data_dir)[2])
   else:
     n = len(list_image_files(spec))
   return n if limit < 0 else min(limit, n)

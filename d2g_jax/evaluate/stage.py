@@ -46,6 +46,9 @@ from d2g_jax.evaluate.grid import save_grid
 from d2g_jax.evaluate.resize import to_pixels
 from d2g_jax.files import save_json
 from d2g_jax.models.vae import AutoencoderKL
+from d2g_jax.log import get_logger
+
+_log = get_logger("d2g_jax.evaluate.stage")
 
 READ_CHUNK = 256  # records read at a time when computing metrics
 
@@ -134,7 +137,7 @@ def generate_row(config, name: str, prompts: list[str], metrics: Metrics) -> dic
   out_dir = os.path.join(e.out_dir, "samples", name)
   meta = json.loads(json.dumps({"row": name, "sampler": sampler.meta, "metrics": metrics.meta,
                                 "prompts": e.prompts, "num_samples": len(prompts)}))
-  print(f"[eval] row {name}: {json.dumps(sampler.meta)} -> {out_dir}")
+  _log.info(f"row {name}: {json.dumps(sampler.meta)} -> {out_dir}")
   params = {"sampler": sampler.params, "vae": sampler.teacher.vae_params,
             "metrics": metrics.params()}
   encode_fn = lambda p: {**sampler.encode_fn(p), **metrics.encode(p)}
@@ -261,14 +264,14 @@ def run_eval(config) -> dict:
   e = config.eval
   names = rows(config)
   prompts, n = eval_prompts(config)
-  print(f"[eval] rows {names}; {n} samples per row from {e.prompts}"
+  _log.info(f"rows {names}; {n} samples per row from {e.prompts}"
         + (f" + {e.diversity_prompts} x {e.diversity_seeds} for diversity"
            if e.diversity_prompts else "") + f" -> {e.out_dir}")
   metrics = Metrics(config)
   for what, on in (("FID", metrics.inception is not None), ("CLIP score", metrics.clip is not None),
                    ("DreamSim", metrics.dreamsim is not None)):
     if not on:
-      print(f"[eval] {what} is off (" + {"FID": "set eval.fid.inception_weights",
+      _log.info(f"{what} is off (" + {"FID": "set eval.fid.inception_weights",
                                           "CLIP score": "set eval.clip.path",
                                           "DreamSim": "set eval.dreamsim=True"}[what] + ")")
   if e.lpips_weights and not os.path.exists(e.lpips_weights):
@@ -278,7 +281,7 @@ def run_eval(config) -> dict:
   if metrics.inception is not None and jax.process_index() == 0:
     ref = reference_stats(config, metrics)
     if ref is None:
-      print("[eval] FID skipped: no reference (set eval.fid.ref to a folder / tfds split, or "
+      _log.info("FID skipped: no reference (set eval.fid.ref to a folder / tfds split, or "
             "eval.fid.ref_stats to an .npz)")
   generated = {name: generate_row(config, name, prompts, metrics) for name in names}
   if jax.process_index() != 0:
@@ -306,6 +309,6 @@ def run_eval(config) -> dict:
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
   save_json(report, os.path.join(e.out_dir, "metrics.json"))
   write_tensorboard(os.path.join(e.out_dir, "tb"), results, grid, e.step)
-  print(table(results, n, e.fidelity_reference))
-  print(f"[eval] wrote {os.path.join(e.out_dir, 'metrics.json')}, grid.png and tb/")
+  _log.info(table(results, n, e.fidelity_reference))
+  _log.info(f"wrote {os.path.join(e.out_dir, 'metrics.json')}, grid.png and tb/")
   return report

@@ -1,7 +1,6 @@
 """Differentiable paired augmentations on NHWC latents, for E-LatentLPIPS.
 
-Legend: B batch, H/W height/width, C channels (4 or 16 latent channels, not RGB),
-N = H*W output pixels.
+Legend: B batch, H/W height/width, C channels (4 or 16 latent channels, not RGB).
 
 E-LatentLPIPS (Kang et al. 2024, arXiv 2405.05967) compares two latents after
 one random augmentation that is drawn per sample and applied identically to
@@ -10,13 +9,15 @@ Written from the papers; strengths and defaults follow the official
 `elatentlpips` package. Groups (policy letters), in the order they run:
 
   b  blit: x-flip, rotation by a multiple of 90 degrees, integer translation
-     (uniform, up to 1/8 of the size). Done by an exact index gather, reflect
-     padding at the borders.
+     (uniform, up to 1/8 of the size, rounded).
   g  geometric: isotropic scale (log2-normal, std 0.2), rotation (uniform over
      the full circle, before and after the anisotropic scale), anisotropic scale
      (log2-normal, std 0.2), fractional translation (normal, std 1/8 of the
-     size). Composed into one affine map per sample, one bilinear resample with
-     reflect padding.
+     size).
+     Groups b and g compose into one affine map per sample (b first), applied by
+     ADA's anti-aliased resample (`d2g_jax.losses.resample`: reflect padding,
+     2x sym6 upsampling, bilinear, sym6 low-pass and 2x downsampling), as the
+     official package does: so even flips and quarter turns are filtered.
   c  colour: brightness (add U[-0.5, 0.5)), contrast (scale the deviation from
      the sample's mean over H, W, C by U[0.5, 1.5)), saturation (scale each
      pixel's deviation from its mean over channels by U[0, 2)).
@@ -27,7 +28,11 @@ Each transform is applied to a sample with probability `p` (the rotation twice,
 each with 1 - sqrt(1 - p), so that some rotation happens with probability `p`).
 A transform's "not applied" value is its identity (flip 0, scale 0 in log2,
 contrast 1, cutout size 0); a sample on which no transform of a group fires
-keeps its input bit for bit through that group, so p = 0 is the exact identity.
+keeps its input bit for bit through that group (b and g count as one), so
+p = 0 is the exact identity.
+
+Equal in distribution to the official package's augmentation (measured as a
+black box: `tests/test_augment.py`, `tests/test_augment_official.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from d2g_jax.losses.resample import affine_resample
 
 POLICIES = frozenset("bgco")
 GROUPS = {
@@ -140,95 +147,57 @@ def sample_params(key: jax.Array, batch: int, height: int, width: int, policy: s
   return AugParams(**out)
 
 
-# --------------------------------------------------------------------------- resampling
+# --------------------------------------------------------------------------- geometry
 
 
-def reflect_index(i: jax.Array, n: int) -> jax.Array:
-  """Folds integer indices into [0, n), mirroring about the edge pixels (d c b | a b c d | c b)."""
-  if n == 1:
-    return jnp.zeros_like(i)
-  period = 2 * (n - 1)
-  i = jnp.mod(i, period)
-  return jnp.where(i >= n, period - i, i)
+def _mm(m_Bx2x2: jax.Array, n_Bx2x2: jax.Array) -> jax.Array:
+  return jnp.einsum("bij,bjk->bik", m_Bx2x2, n_Bx2x2, precision=_HI)
 
 
-def _gather_pixels(x_BxHxWxC: jax.Array, idx_BxN: jax.Array) -> jax.Array:
-  """out[b, n] = x[b].reshape(H*W, C)[idx[b, n]]."""
-  B, H, W, C = x_BxHxWxC.shape
-  return jax.vmap(lambda img, idx: img.reshape(H * W, C)[idx])(x_BxHxWxC, idx_BxN)
+def _rot(t_B: jax.Array) -> jax.Array:
+  """Inverse of a rotation by t (positive turns +x, the column axis, towards +y, down)."""
+  c, s = jnp.cos(t_B), jnp.sin(t_B)
+  return jnp.stack([jnp.stack([c, s], -1), jnp.stack([-s, c], -1)], -2)
 
 
-def blit(x_BxHxWxC: jax.Array, xflip_B: jax.Array, rot90_B: jax.Array,
-         shift_Bx2: jax.Array) -> jax.Array:
-  """x-flip, then np.rot90 by k quarter turns about the centre, then integer shift; exact.
-
-  For non-square inputs an odd rotation keeps the HxW canvas (the rotated content is
-  centred, off-canvas pixels come from reflection; when H + W is odd the content sits
-  half a pixel up/left of centre).
-  """
-  B, H, W, C = x_BxHxWxC.shape
-  rows, cols = jnp.meshgrid(jnp.arange(H, dtype=jnp.int32), jnp.arange(W, dtype=jnp.int32),
-                            indexing="ij")
-  # Doubled coordinates about the centre stay integer for both odd and even sizes.
-  u = (2 * cols - (W - 1))[None] - 2 * shift_Bx2[:, 1, None, None]
-  v = (2 * rows - (H - 1))[None] - 2 * shift_Bx2[:, 0, None, None]
-  k = rot90_B[:, None, None] % 4
-  u_src = jnp.select([k == 0, k == 1, k == 2], [u, -v, -u], v)
-  v_src = jnp.select([k == 0, k == 1, k == 2], [v, u, -v], -u)
-  u_src = jnp.where(xflip_B[:, None, None] != 0, -u_src, u_src)
-  col = reflect_index(jnp.floor_divide(u_src + (W - 1), 2), W)
-  row = reflect_index(jnp.floor_divide(v_src + (H - 1), 2), H)
-  return _gather_pixels(x_BxHxWxC, (row * W + col).reshape(B, H * W)).reshape(B, H, W, C)
-
-
-def affine_resample(x_BxHxWxC: jax.Array, inv_Bx2x3: jax.Array) -> jax.Array:
-  """Bilinear resampling: out[b, r, c] = x[b] at (col, row) = inv[b] @ (c, r, 1); reflect borders.
-
-  Pixel centres sit at integer coordinates; input and output have the same size.
-  """
-  B, H, W, C = x_BxHxWxC.shape
-  rows, cols = jnp.meshgrid(jnp.arange(H, dtype=jnp.float32),
-                            jnp.arange(W, dtype=jnp.float32), indexing="ij")
-  grid_3xN = jnp.stack([cols.ravel(), rows.ravel(), jnp.ones(H * W, jnp.float32)])
-  # A matmul (exact at HIGHEST) rather than elementwise: XLA then computes the per-sample
-  # matrix once instead of fusing its trigonometry and RNG into every per-pixel loop
-  # (4x slower backward pass on CPU).
-  xy_Bx2xN = jnp.einsum("bij,jn->bin", inv_Bx2x3.astype(jnp.float32), grid_3xN, precision=_HI)
-  xs_BxN, ys_BxN = xy_Bx2xN[:, 0], xy_Bx2xN[:, 1]
-  x0, y0 = jnp.floor(xs_BxN), jnp.floor(ys_BxN)
-  fx, fy = (xs_BxN - x0)[..., None], (ys_BxN - y0)[..., None]
-  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  c0, c1 = reflect_index(x0, W), reflect_index(x0 + 1, W)
-  r0, r1 = reflect_index(y0, H) * W, reflect_index(y0 + 1, H) * W
-  idx_Bx4N = jnp.concatenate([r0 + c0, r0 + c1, r1 + c0, r1 + c1], axis=1)
-  v00, v01, v10, v11 = jnp.split(_gather_pixels(x_BxHxWxC, idx_Bx4N), 4, axis=1)
-  top = v00 * (1 - fx) + v01 * fx
-  bottom = v10 * (1 - fx) + v11 * fx
-  return (top * (1 - fy) + bottom * fy).reshape(B, H, W, C)
+def _diag(sx_B: jax.Array, sy_B: jax.Array) -> jax.Array:
+  z = jnp.zeros_like(sx_B)
+  return jnp.stack([jnp.stack([sx_B, z], -1), jnp.stack([z, sy_B], -1)], -2)
 
 
 def geometric_matrix(params: AugParams, height: int, width: int) -> jax.Array:
-  """Inverse affine map (output pixel -> input pixel, (x, y) = (col, row)) of group 'g', Bx2x3.
+  """Inverse affine map (output pixel -> input pixel, (x, y) = (col, row)) of groups 'b' and 'g'
+  together, Bx2x3, about the image centre.
 
-  Forward, about the image centre: scale 2**s, rotate theta_pre, stretch (2**a, 2**-a),
-  rotate theta_post, translate.
+  Forward, in order: x-flip, np.rot90 by k quarter turns, integer shift (group 'b'); scale 2**s,
+  rotate theta_pre, stretch (2**a, 2**-a), rotate theta_post, fractional shift (group 'g').
+  Shifts move content by (rows, columns); a group absent from the policy is the identity.
   """
-  def rot(t):  # inverse of a rotation by t
-    c, s = jnp.cos(t), jnp.sin(t)
-    return jnp.stack([jnp.stack([c, s], -1), jnp.stack([-s, c], -1)], -2)
-
-  def diag(sx, sy):
-    z = jnp.zeros_like(sx)
-    return jnp.stack([jnp.stack([sx, z], -1), jnp.stack([z, sy], -1)], -2)
-
-  mm = lambda m, n: jnp.einsum("bij,bjk->bik", m, n, precision=_HI)
-  s, a = params.log2_scale_B, params.log2_aniso_B
-  m_Bx2x2 = mm(mm(mm(diag(jnp.exp2(-s), jnp.exp2(-s)), rot(params.theta_pre_B)),
-                  diag(jnp.exp2(-a), jnp.exp2(a))), rot(params.theta_post_B))
+  inv_Bx2x2, shift_Bx2 = None, None  # accumulated: source = inv @ (q - c - shift) + c
+  if params.log2_scale_B is not None:
+    s, a = params.log2_scale_B, params.log2_aniso_B
+    inv_Bx2x2 = _mm(_mm(_mm(_diag(jnp.exp2(-s), jnp.exp2(-s)), _rot(params.theta_pre_B)),
+                        _diag(jnp.exp2(-a), jnp.exp2(a))), _rot(params.theta_post_B))
+    fwd_Bx2x2 = _mm(_mm(_mm(_rot(-params.theta_post_B), _diag(jnp.exp2(a), jnp.exp2(-a))),
+                        _rot(-params.theta_pre_B)), _diag(jnp.exp2(s), jnp.exp2(s)))
+    shift_Bx2 = params.frac_shift_Bx2[:, ::-1].astype(jnp.float32)
+  if params.xflip_B is not None:
+    k = params.rot90_B % 4
+    cos = jnp.select([k == 0, k == 2], [1.0, -1.0], 0.0)
+    sin = jnp.select([k == 1, k == 3], [1.0, -1.0], 0.0)
+    flip = jnp.where(params.xflip_B != 0, -1.0, 1.0)
+    # Inverse of (flip, then rotate by k quarter turns as np.rot90): (u, v) -> (-v, u) per turn.
+    blit_Bx2x2 = jnp.stack([jnp.stack([flip * cos, -flip * sin], -1),
+                            jnp.stack([sin, cos], -1)], -2)
+    int_shift = params.shift_Bx2[:, ::-1].astype(jnp.float32)
+    if inv_Bx2x2 is None:
+      inv_Bx2x2, shift_Bx2 = blit_Bx2x2, int_shift
+    else:  # the blit happens first: undo 'g', then the integer shift, then the blit
+      shift_Bx2 = shift_Bx2 + jnp.einsum("bij,bj->bi", fwd_Bx2x2, int_shift, precision=_HI)
+      inv_Bx2x2 = _mm(blit_Bx2x2, inv_Bx2x2)
   centre = jnp.array([(width - 1) / 2, (height - 1) / 2], jnp.float32)
-  shift_xy = params.frac_shift_Bx2[:, ::-1]
-  offset_Bx2 = centre - jnp.einsum("bij,bj->bi", m_Bx2x2, centre + shift_xy, precision=_HI)
-  return jnp.concatenate([m_Bx2x2, offset_Bx2[:, :, None]], axis=-1)
+  offset_Bx2 = centre - jnp.einsum("bij,bj->bi", inv_Bx2x2, centre + shift_Bx2, precision=_HI)
+  return jnp.concatenate([inv_Bx2x2, offset_Bx2[:, :, None]], axis=-1)
 
 
 # --------------------------------------------------------------------------- application
@@ -265,15 +234,17 @@ def apply_params(params: AugParams, x_BxHxWxC: jax.Array) -> jax.Array:
   """Applies drawn parameters to one batch; computes in fp32, returns x's dtype."""
   B, H, W, C = x_BxHxWxC.shape
   x = x_BxHxWxC.astype(jnp.float32)
-  if params.xflip_B is not None:
-    x = blit(x, params.xflip_B, params.rot90_B, params.shift_Bx2)
-  if params.log2_scale_B is not None:
+  if params.xflip_B is not None or params.log2_scale_B is not None:
     # Flags via one reduction: XLA materialises reductions, where chains of compares on the
     # raw draws get fused (and recomputed) into every per-pixel loop: 5x slower backward.
+    zero_if_identity = []
+    if params.xflip_B is not None:
+      zero_if_identity += [params.shift_Bx2, jnp.stack([params.xflip_B, params.rot90_B % 4], -1)]
+    if params.log2_scale_B is not None:
+      zero_if_identity += [params.frac_shift_Bx2, jnp.stack(
+          [params.log2_scale_B, params.theta_pre_B, params.log2_aniso_B, params.theta_post_B], -1)]
     identity_B = jnp.all(jnp.concatenate(
-        [params.frac_shift_Bx2, jnp.stack([params.log2_scale_B, params.theta_pre_B,
-                                           params.log2_aniso_B, params.theta_post_B], -1)],
-        axis=-1) == 0, axis=-1)
+        [v.astype(jnp.float32) for v in zero_if_identity], axis=-1) == 0, axis=-1)
     warped = affine_resample(x, geometric_matrix(params, H, W))
     x = jnp.where(_per_sample(identity_B), x, warped)
   if params.brightness_B is not None:

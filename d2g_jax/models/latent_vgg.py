@@ -10,7 +10,10 @@ Two trunks share one module:
 Parameter names mirror the PyTorch modules (`net.slice1.0.weight`, `lin0.model.1.weight`) so
 conversion is a table (`d2g_jax.convert.lpips`). Batch-norm statistics are frozen and stored in
 `params` (`mean`, `var`) so `module.apply({"params": params}, a, b)` needs no other collection;
-this network is a fixed loss, never trained.
+as a loss this network is fixed. To train the trunk (`d2g_jax.train.latent_vgg`), `VGG16(cfg,
+train=True)` uses batch statistics and keeps running ones in the `batch_stats` collection under
+the same names (`merge_batch_stats` folds them back into params). `VGGConfig.widths` can narrow
+the trunk for small experiments; the official layout is 64/128/256/512/512.
 
 The distance is the LPIPS formula: per tap, unit-normalise features over channels, square the
 difference, weight channels with a 1x1 head (no bias), average over space; sum over taps.
@@ -62,10 +65,16 @@ class VGGConfig:
   pools: tuple[bool, ...] = (False, False, False, True, True)
   tap_after_pool: bool = True
   bn_eps: float = 1e-5
+  widths: tuple[int, ...] = WIDTHS  # channels of the five blocks; WIDTHS is VGG16's
+
+  def __post_init__(self):
+    if len(self.widths) != len(WIDTHS) or min(self.widths) < 1:
+      raise ValueError(f"VGGConfig.widths={self.widths}: expected {len(WIDTHS)} positive "
+                       f"channel counts (VGG16: {WIDTHS})")
 
   @classmethod
-  def latent(cls, in_channels: int = 4) -> "VGGConfig":
-    return cls(in_channels=in_channels)
+  def latent(cls, in_channels: int = 4, widths: tuple[int, ...] = WIDTHS) -> "VGGConfig":
+    return cls(in_channels=in_channels, widths=tuple(widths))
 
   @classmethod
   def pixel(cls) -> "VGGConfig":
@@ -85,7 +94,7 @@ def conv_layers(cfg: VGGConfig) -> Iterator[ConvLayer]:
   """The trunk's convolutions in order, with torchvision `vgg16[_bn].features` indices."""
   index, in_ch = 0, cfg.in_channels
   per_conv = 3 if cfg.batch_norm else 2  # conv [bn] relu
-  for block, (width, n) in enumerate(zip(WIDTHS, CONVS_PER_BLOCK)):
+  for block, (width, n) in enumerate(zip(cfg.widths, CONVS_PER_BLOCK)):
     for _ in range(n):
       yield ConvLayer(block, index, in_ch, width)
       index += per_conv
@@ -110,10 +119,17 @@ class FrozenBatchNorm(nn.Module):
 
 
 class VGG16(nn.Module):
-  """The trunk; returns the five tap activations (64, 128, 256, 512, 512 channels)."""
+  """The trunk; returns the five tap activations (64, 128, 256, 512, 512 channels).
+
+  `train=True`: batch norm from batch statistics (fp32), running averages in `batch_stats`
+  (updated with `bn_momentum`: torch's momentum 0.1 is 0.9 here); else the frozen statistics
+  in params.
+  """
   config: VGGConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  train: bool = False
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x_BxHxWxC) -> list[jax.Array]:
@@ -125,20 +141,25 @@ class VGG16(nn.Module):
     kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     layers = list(conv_layers(cfg))
     h, taps = x_BxHxWxC.astype(self.dtype), []
-    for block in range(len(WIDTHS)):
+    for block in range(len(cfg.widths)):
       for layer in (l for l in layers if l.block == block):
         name = f"slice{block + 1}_{layer.index}"
         h = nn.Conv(layer.out_ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=kernel_init,
                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)(h)
         if cfg.batch_norm:
-          h = FrozenBatchNorm(layer.out_ch, cfg.bn_eps, self.param_dtype,
-                              name=f"slice{block + 1}_{layer.index + 1}")(h)
+          bn_name = f"slice{block + 1}_{layer.index + 1}"
+          if self.train:
+            h = nn.BatchNorm(use_running_average=False, momentum=self.bn_momentum,
+                             epsilon=cfg.bn_eps, dtype=jnp.float32, param_dtype=self.param_dtype,
+                             use_fast_variance=False, name=bn_name)(h).astype(self.dtype)
+          else:
+            h = FrozenBatchNorm(layer.out_ch, cfg.bn_eps, self.param_dtype, name=bn_name)(h)
         h = nn.relu(h)
       pool = lambda t: nn.max_pool(t, (2, 2), strides=(2, 2), padding="VALID")
       if cfg.pools[block] and cfg.tap_after_pool:
         h = pool(h)
       taps.append(h)
-      if cfg.pools[block] and not cfg.tap_after_pool and block + 1 < len(WIDTHS):
+      if cfg.pools[block] and not cfg.tap_after_pool and block + 1 < len(cfg.widths):
         h = pool(h)
     return taps
 
@@ -159,15 +180,16 @@ class LPIPSConfig:
 
   @classmethod
   def latent(cls, encoder: str = "sd15", augment: str | None = "bg", l1: bool = True,
-             augment_p: float = 1.0) -> "LPIPSConfig":
+             augment_p: float = 1.0, widths: tuple[int, ...] = WIDTHS) -> "LPIPSConfig":
     """E-LatentLPIPS for an encoder family (call it with `augment=False` for LatentLPIPS).
 
-    `augment`: the ensemble's augmentation policy; `l1`: the official package's L1 term.
+    `augment`: the ensemble's augmentation policy; `l1`: the official package's L1 term;
+    `widths`: the trunk's block widths (VGG16's unless trained narrower).
     """
     if encoder not in ENCODERS:
       raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(ENCODERS)}")
-    return cls(vgg=VGGConfig.latent(ENCODERS[encoder][0]), encoder=encoder, augment=augment,
-               augment_p=augment_p, l1=l1)
+    return cls(vgg=VGGConfig.latent(ENCODERS[encoder][0], widths), encoder=encoder,
+               augment=augment, augment_p=augment_p, l1=l1)
 
   @classmethod
   def pixel(cls) -> "LPIPSConfig":
@@ -274,3 +296,15 @@ def init_params(module: LPIPS, seed: int = 0) -> Any:
     value = 1.0 if names[-1] == "kernel" else constants[names[-1]]  # heads: 1
     return np.full(s.shape, value, s.dtype)
   return jax.tree_util.tree_map_with_path(draw, param_shapes(module))
+
+
+def merge_batch_stats(params: Any, batch_stats: Any) -> Any:
+  """Trunk params of `VGG16(train=True)` plus its running statistics -> frozen-BN params.
+
+  Every batch-norm layer gets `mean` and `var` beside its `scale` and `bias`: the tree that
+  `VGG16(train=False)` (and the `net` of `LPIPS`) takes.
+  """
+  merged = dict(params)
+  for name, stats in batch_stats.items():
+    merged[name] = {**merged[name], "mean": stats["mean"], "var": stats["var"]}
+  return merged

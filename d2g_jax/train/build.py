@@ -30,6 +30,33 @@ from d2g_jax.train import state as state_lib
 from d2g_jax.train.steps import Objective, train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RECIPES = ("diffusion2gan", "gdd")
+
+
+def check_recipe(config) -> None:
+  """Raises unless the objective fits `train.recipe`: GDD trains on real latents, which are
+  no one's solution from any noise, so everything that needs (z, x) pairs is refused."""
+  t, o, d = config.train, config.objective, config.discriminator
+  if t.recipe not in RECIPES:
+    raise ValueError(f"train.recipe={t.recipe!r}; expected one of {RECIPES}")
+  if t.recipe != "gdd":
+    return
+  bad = []
+  if o.regression_weight:
+    bad.append(f"objective.regression_weight={o.regression_weight} (real latents are no "
+               "target of the generator's noise: set 0)")
+  if d.z_cond:
+    bad.append("discriminator.z_cond=True (z-conditioning tells D which noise made a latent; "
+               "a real latent has none: set False)")
+  if o.mix_fraction:
+    bad.append(f"objective.mix_fraction={o.mix_fraction} (mix-and-match swaps latents between "
+               "(z, c) pairs: set 0)")
+  if not o.gan_weight:
+    bad.append("objective.gan_weight=0 (the GAN loss is GDD's only loss: set it > 0)")
+  if bad:
+    raise ValueError("train.recipe='gdd' (GAN on real latents, no pairs) cannot use: "
+                     + "; ".join(bad) + ". config_defaults.gdd(config) sets the recipe's "
+                     "values (configs/gdd_i.py uses it).")
 
 
 def dtype(name: str, what: str):
@@ -66,6 +93,7 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
                          encode_tokens=None, text_params=None) -> tuple[Objective, dict]:
   """`build_objective` from the pieces (a UNet config and a schedule) instead of a loaded
   teacher folder: benchmarks and ahead-of-time compiles build full-size objectives so."""
+  check_recipe(config)
   t, o, d = config.train, config.objective, config.discriminator
   kw = dict(dtype=dtype(t.dtype, "train.dtype"), param_dtype=jnp.float32,
             attention=t.attention, remat=t.remat)
@@ -74,11 +102,12 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
   d_module = disc.Discriminator(unet_config, disc.DiscriminatorOptions(
       z_cond=d.z_cond, multiscale_input=d.multiscale_input,
       multiscale_output=d.multiscale_output), **kw)
-  decode = decoder_params = None
-  if config.loss.name == "lpips":
-    decode, decoder_params = _decoder(vae, vae_params)
-  loss_fn, loss_params = perceptual.loss_from_config(config.loss, decode=decode,
-                                                     decoder_params=decoder_params)
+  decode = decoder_params = loss_fn = loss_params = None
+  if o.regression_weight:  # a zero weight drops the term: no loss network to build
+    if config.loss.name == "lpips":
+      decode, decoder_params = _decoder(vae, vae_params)
+    loss_fn, loss_params = perceptual.loss_from_config(config.loss, decode=decode,
+                                                       decoder_params=decoder_params)
   opt = dict(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, warmup_steps=t.warmup_steps,
              grad_clip=t.grad_clip, weight_decay=t.weight_decay)
   g_tx, g_lr = optim.make_optimizer(t.g_lr, frozen=t.g_frozen, **opt)
@@ -101,7 +130,7 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
       diffuse=d.diffuse, diffuse_t_min=d.diffuse_t_min, diffuse_t_max=d.diffuse_t_max,
       sdxl=sdxl, time_ids=None if time_ids is None else tuple(float(v) for v in
                                                                np.ravel(time_ids)),
-      encode_tokens=encode_tokens)
+      encode_tokens=encode_tokens, paired=t.recipe != "gdd")
   return obj, {"loss": loss_params, "text": text_params}
 
 

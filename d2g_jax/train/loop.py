@@ -2,6 +2,10 @@
 
     python -m d2g_jax.main --config configs/sd15.py --config.stages=train
 
+`train.recipe` picks the data and the objective (`train.inputs`, `build.check_recipe`):
+"diffusion2gan" reads the teacher's pairs; "gdd" reads real latents with captions (the
+`real_latents` stage) and trains with the GAN loss alone. Everything else is shared.
+
 Resume order (written down, as big_vision does):
   1. the run's config is checked against <workdir>/run_config.json (a different config
      fails before any work, listing what differs);
@@ -31,12 +35,10 @@ import numpy as np
 from tqdm import tqdm
 
 from d2g_jax import parallel
-from d2g_jax.data import shards as fmt
-from d2g_jax.data import source
 from d2g_jax.log import get_logger
 from d2g_jax.models.unet import init_shapes
 from d2g_jax.teacher import load_teacher
-from d2g_jax.train import build, run_config, samples
+from d2g_jax.train import build, inputs, optim, run_config, samples
 from d2g_jax.train import metrics as metrics_lib
 from d2g_jax.train.checkpoint import Checkpointer
 
@@ -45,20 +47,13 @@ log = get_logger("d2g_jax.train")
 # Keys that may change between runs of the same workdir: bookkeeping, not the result.
 MUTABLE = ("stages", "distributed", "train.num_steps", "train.log_every", "train.sample_every",
            "train.checkpoint_every", "train.max_to_keep", "train.verify",
-           "train.lock_stale_after_s", "export", "pairs.batch_size")
+           "train.lock_stale_after_s", "export", "pairs.batch_size", "real.batch_size",
+           "real.workers")
 METRICS_FILE = "metrics.jsonl"
 
 
 def checkpoint_dir(config) -> str:
   return os.path.join(config.workdir, "checkpoints")
-
-
-def device_keys(record: dict, recompute_text: bool) -> list[str]:
-  """The record fields the step reads (strings and indices stay on the host)."""
-  keys = ["z", "x"] + [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k in record]
-  if recompute_text:
-    keys += sorted(k for k in record if k.startswith(("input_ids", "attention_mask")))
-  return keys
 
 
 class _Stop:
@@ -107,30 +102,13 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(l) for l in fh if l.strip()]
 
 
-def _pairs_info(config, pairs_dir: str) -> tuple[dict, dict]:
-  manifest = fmt.read_manifest(pairs_dir)
-  if manifest["status"] != "complete":
-    raise ValueError(f"{pairs_dir}: the pair dataset is not complete; run the pairs stage "
-                     "(same command with --config.stages=pairs) to finish it first")
-  meta = manifest["config"].get("meta", {})
-  fingerprint = meta.get("teacher", {}).get("fingerprint")
-  if fingerprint is not None:
-    from d2g_jax.data.teacher_pairs import teacher_fingerprint
-    if fingerprint != teacher_fingerprint(config.teacher.path):
-      raise ValueError(f"{pairs_dir} was made by the teacher at "
-                       f"{meta['teacher'].get('path')!r}, which differs from "
-                       f"config.teacher.path={config.teacher.path!r} (fingerprints differ): "
-                       "the student would start from another model than its targets' teacher")
-  return manifest, meta
-
-
 def run_train(config) -> dict[str, Any]:
   """The train stage. Returns {"step", "checkpoint_dir", "metrics"} (last logged values)."""
   t = config.train
-  pairs_dir = t.pairs
+  build.check_recipe(config)
   run_config.ensure(config.workdir, config.to_dict(), ignore=MUTABLE,
                     process_index=jax.process_index())
-  manifest, meta = _pairs_info(config, pairs_dir)
+  data = inputs.open_input(config)
   ckpt = Checkpointer(checkpoint_dir(config), max_to_keep=t.max_to_keep)
   start = ckpt.latest_step() or 0
   if start >= t.num_steps:
@@ -139,15 +117,14 @@ def run_train(config) -> dict[str, Any]:
     ckpt.close()
     return {"step": start, "checkpoint_dir": str(ckpt.directory), "metrics": {}}
 
-  record = manifest["record"]
-  recompute_text = "prompt_embeds" not in record
+  recompute_text = data.recompute_text
   fresh = start == 0
   components = ("vae",) + (("unet",) if fresh else ()) + (("text",) if recompute_text else ())
   teacher = load_teacher(config.teacher.path, components=components,
                          attention=t.attention)
-  h, w, _ = manifest["config"]["latent_shape"]
+  h, w, _ = data.latent_shape
   f = teacher.info.vae.downscale
-  height, width = meta.get("resolution", [h * f, w * f])
+  height, width = data.resolution or (h * f, w * f)
   time_ids = teacher.time_ids(1, height, width) if teacher.family == "sdxl" else None
   obj, consts = build.build_objective(config, teacher, time_ids=time_ids,
                                       recompute_text=recompute_text)
@@ -159,11 +136,12 @@ def run_train(config) -> dict[str, Any]:
   consts_sh = build.consts_shardings(consts, mesh, config.sharding)
   consts = parallel.place(consts, consts_sh) if jax.tree.leaves(consts) else consts
 
-  ds = source.pair_dataset(pairs_dir, batch_size=local_batch, seed=config.seed, verify=t.verify)
+  log_sizes(abstract, t)
+  ds = data.dataset(teacher, local_batch, seed=config.seed, verify=t.verify)
   it = iter(ds.to_iter_dataset())
   if fresh:
-    log.info("new run: G and D from the teacher %s; %d pairs in %s",
-             config.teacher.path, manifest["num_examples"], pairs_dir)
+    log.info("new run (%s): G and D from the teacher %s; %s", t.recipe,
+             config.teacher.path, inputs.describe(data))
     state = build.create_state(obj, teacher.unet_params, state_sh,
                                jax.random.key(config.seed))
     teacher.unet_params = None  # the generator owns these weights now
@@ -171,11 +149,11 @@ def run_train(config) -> dict[str, Any]:
     log.info("resuming from checkpoint %d in %s", start, ckpt.directory)
     state = ckpt.restore(start, abstract, it)
 
-  keys = device_keys(record, recompute_text)
+  keys = data.keys(teacher)
   batch_sh = {k: parallel.batch_sharding(mesh) for k in keys}
   step_fns = {r: build.jit_train_step(obj, state_sh, consts_sh, batch_sh, do_r1=r)
               for r in (False, True)}
-  sampler = _Sampler(config, teacher, obj, pairs_dir, keys, mesh, state_sh, consts_sh)
+  sampler = _Sampler(config, teacher, obj, data, mesh, state_sh, consts_sh)
   writer = metrics_lib.MetricWriter(os.path.join(config.workdir, "tensorboard"))
   mlog = MetricsLog(config.workdir, start)
   cfg_dict = config.to_dict()
@@ -238,20 +216,33 @@ def run_train(config) -> dict[str, Any]:
   return {"step": final, "checkpoint_dir": str(ckpt.directory), "metrics": last}
 
 
-class _Sampler:
-  """Every `sample_every` steps: the first `num_samples` pairs' teacher targets beside the
-  EMA generator's outputs, decoded with the teacher's VAE, to <workdir>/samples/."""
+def log_sizes(abstract, t) -> None:
+  """Trainable and frozen parameter counts and optimiser state sizes of G and D."""
+  for name, params, opt, frozen in (("G", abstract.g_params, abstract.g_opt, t.g_frozen),
+                                    ("D", abstract.d_params, abstract.d_opt, t.d_frozen)):
+    n_train, n_frozen = optim.count_frozen(params, frozen)
+    size = optim.state_size(opt)
+    log.info("%s: %s trainable and %s frozen parameters (frozen=%r); optimiser state %s "
+             "values (%.1f MiB)", name, f"{n_train:,}", f"{n_frozen:,}", frozen, f"{size:,}",
+             size * 4 / 2**20)
 
-  def __init__(self, config, teacher, obj, pairs_dir, keys, mesh, state_sh, consts_sh):
+
+class _Sampler:
+  """Every `sample_every` steps: the first `num_samples` examples' latents (the teacher's
+  targets, or real latents for GDD) beside the EMA generator's outputs for their prompts
+  (for GDD from fixed noise, seeded by `config.seed`), decoded with the teacher's VAE, to
+  <workdir>/samples/."""
+
+  def __init__(self, config, teacher, obj, data, mesh, state_sh, consts_sh):
     self.enabled = bool(config.train.sample_every) and teacher.vae is not None
     if not self.enabled:
       return
     self.folder = os.path.join(config.workdir, "samples")
-    src = source.PairSource(pairs_dir, verify="none")
-    n = min(config.train.num_samples, len(src))
-    records = src.__getitems__(range(n))
     repl = parallel.replicated(mesh)
-    batch = {k: np.stack([r[k] for r in records]) for k in keys}
+    batch = data.examples(teacher, config.train.num_samples)
+    if "z" not in batch:
+      batch["z"] = np.asarray(jax.random.normal(jax.random.key(config.seed), batch["x"].shape,
+                                                np.float32))
     self.batch = jax.device_put(batch, repl)
     self.vae_params = jax.device_put(teacher.vae_params, repl)
     decode = samples.decode_fn(teacher)
@@ -270,6 +261,6 @@ class _Sampler:
     path = os.path.join(self.folder, f"step_{step:08d}.png")
     if jax.process_index() == 0:
       image = samples.write_grid(path, [teacher_px, student_px])
-      log.info("samples (teacher | student EMA) -> %s", path)
+      log.info("samples (target | student EMA) -> %s", path)
       return image
     return None

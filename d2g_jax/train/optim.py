@@ -5,8 +5,21 @@
     opt_state = tx.init(params)
 
 `frozen` is a regular expression over '/'-joined parameter paths (`re.search`, as
-big_vision's optax masks): matching parameters get no update and no optimiser state
-(`optax.set_to_zero`), so the state is smaller and they stay bit-identical.
+big_vision's optax masks), or the name of a preset in `FROZEN_PRESETS`: matching
+parameters get no update and no optimiser state (`optax.set_to_zero`), so the state is
+smaller and they stay bit-identical.
+
+GDD-I's preset ("gdd_i", arXiv 2405.20750) freezes the UNet's heavy weight layers and
+trains what modulates them. Frozen: the residual blocks' 3x3 convolutions (`conv1`,
+`conv2`), the attention output projections (`to_out`), the transformer blocks' feed-forward
+layers (`ff`), the transformers' input/output projections (`proj_in`, `proj_out`) and the
+down/up-sampling convolutions. Trainable: every norm, the time embedding (and SDXL's
+added-condition embedding), the per-block time projections (`time_emb_proj`), attention
+q/k/v, the 1x1 shortcut convs (`conv_shortcut`), `conv_in` and `conv_out`. The GDD code
+freezes every layer named "conv" or "proj" inside the EDM UNet's blocks, whose other
+layers are exactly the trainable kinds above; SD's UNet has three kinds EDM's lacks
+(feed-forward, proj_in/out, standalone resampling convs), frozen here as the weight
+layers they are. SD 1.5: 86.0% of the UNet frozen (the paper: "85%").
 """
 
 from __future__ import annotations
@@ -19,11 +32,19 @@ import optax
 from flax import traverse_util
 
 TRAIN, FROZEN = "train", "frozen"
+FROZEN_PRESETS = {
+    "gdd_i": r"(resnets_\d+/conv[12]|/to_out_\d+|/ff|/proj_(in|out)|samplers_\d+/conv)/",
+}
+
+
+def frozen_pattern(frozen: str) -> str:
+  """The regex of `frozen`: a preset's (by name) or `frozen` itself."""
+  return FROZEN_PRESETS.get(frozen, frozen)
 
 
 def path_labels(params: Any, frozen: str) -> Any:
   """A tree like `params` of "train" / "frozen" labels; `frozen` = '' freezes nothing."""
-  pattern = re.compile(frozen) if frozen else None
+  pattern = re.compile(frozen_pattern(frozen)) if frozen else None
   flat = traverse_util.flatten_dict(params, sep="/")
   labels = {k: FROZEN if pattern and pattern.search(k) else TRAIN for k in flat}
   return traverse_util.unflatten_dict(labels, sep="/")
@@ -37,6 +58,11 @@ def count_frozen(params: Any, frozen: str) -> tuple[int, int]:
   for k, v in flat.items():
     n[labels[k]] += int(v.size)
   return n[TRAIN], n[FROZEN]
+
+
+def state_size(opt_state: Any) -> int:
+  """Number of values in an optimiser state (frozen leaves hold none)."""
+  return sum(int(x.size) for x in jax.tree.leaves(opt_state) if hasattr(x, "size"))
 
 
 def make_optimizer(lr: float, *, b1: float = 0.0, b2: float = 0.99, eps: float = 1e-8,

@@ -11,7 +11,9 @@ Legend: B batch, H/W/C latent height/width/channels.
 `consts` = {"loss": the regression loss's params, "text": frozen text-encoder params or
 None}: constants of the step, never differentiated or updated, passed separately so that
 the donated state holds only what changes. `batch` holds "z", "x" (BxHxWxC) and the
-conditioning of the pair records (`models.generator.condition`).
+conditioning of the pair records (`models.generator.condition`). Real data (the GDD recipe,
+`paired=False`) has no "z": x is a real latent, unrelated to any noise, and z is drawn
+fresh in the step from the step's key.
 
 Discriminator update: D sees (x, z, c) as real and (G(z, c), z, c) as fake, with a
 `mix_fraction` of the fake rows' latents swapped for other rows' real or generated
@@ -40,12 +42,15 @@ from d2g_jax.train.optim import ema_update
 from d2g_jax.train.state import TrainState
 
 
+NOISE_STREAM = 1  # fold_in(step key, NOISE_STREAM): G's noise when the batch has none
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """Everything static about the objective: models, loss, optimisers and weights."""
   generator: Generator
   discriminator: Discriminator
-  regression: Callable  # losses.perceptual LossFn: (params, a, b, key) -> scalar
+  regression: Callable | None  # losses.perceptual LossFn: (params, a, b, key) -> scalar
   g_tx: optax.GradientTransformation
   d_tx: optax.GradientTransformation
   g_lr: Callable[[Any], Any] = lambda step: 0.0  # schedules, for the metrics
@@ -64,6 +69,7 @@ class Objective:
   sdxl: bool = False
   time_ids: tuple[float, ...] | None = None  # SDXL: the pairs' (6,) micro-conditioning
   encode_tokens: EncodeTokens | None = None  # recompute embeddings from token ids
+  paired: bool = True            # x is the teacher's solution from z (False: real data, GDD)
 
   def cond(self, consts, batch) -> dict:
     time_ids = None if self.time_ids is None else np.asarray(self.time_ids, np.float32)
@@ -118,9 +124,10 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
     aux = {"d/loss_real": loss_real, "d/loss_fake": loss_fake,
            "d/logit_real": jnp.mean(score_real),
            "d/logit_fake": _masked_mean(score_fake, genuine),
-           "d/logit_mixed": _masked_mean(score_fake, mm["mixed"]),
            **_readout_metrics("d/logit_real", names, real, ones),
            **_readout_metrics("d/logit_fake", names, fake, genuine)}
+    if obj.mix_fraction:
+      aux["d/logit_mixed"] = _masked_mean(score_fake, mm["mixed"])
     if do_r1:
       n = obj.r1_samples
       head = lambda tree: jax.tree.map(lambda a: a[:n], tree)
@@ -158,7 +165,8 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
       gan = adv.g_loss(obj.apply_d(state.d_params, x_in, z, cond, t_B))
       loss, aux["g/gan"] = loss + obj.gan_weight * gan, gan
     aux["g/loss"] = loss
-    aux["g/mse"] = jnp.mean(jnp.square(x_hat - x))
+    if obj.paired:
+      aux["g/mse"] = jnp.mean(jnp.square(x_hat - x))
     return loss, aux
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
@@ -174,10 +182,15 @@ def train_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
                do_r1: bool = False) -> tuple[TrainState, dict]:
   """The discriminator update, then the generator update; step + 1.
 
-  Step i's randomness is `fold_in(state.rng, i)`, split between the two updates.
+  Step i's randomness is `fold_in(state.rng, i)`, split between the two updates; a batch
+  without "z" (real data) gets its noise from `fold_in` of the same key, shared by both.
   D is skipped when gan_weight is 0 (pure regression).
   """
-  k_d, k_g = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  key = jax.random.fold_in(state.rng, state.step)
+  k_d, k_g = jax.random.split(key)
+  if "z" not in batch:
+    z = jax.random.normal(jax.random.fold_in(key, NOISE_STREAM), batch["x"].shape, jnp.float32)
+    batch = {**batch, "z": z}
   metrics = {}
   if obj.gan_weight:
     state, metrics = discriminator_step(obj, state, consts, batch, k_d, do_r1)
