@@ -28,7 +28,8 @@ def base() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = ""              # a diffusers pipeline folder (model_index.json, unet/, vae/, ...)
   c.teacher.dtype = "float32"      # compute dtype: float32, or bfloat16 on accelerators
-  c.teacher.attention = "auto"     # auto (cudnn on GPU bf16, chunked on CPU) | xla | cudnn | chunked
+  c.teacher.attention = "auto"     # auto (flash on TPU, cudnn on GPU bf16, chunked on CPU)
+                                   # | xla | cudnn | chunked | flash
   c.teacher.tiny_family = "sd1"    # tiny_teacher stage only: sd1 | sd2 | sdxl
 
   # The digits demo's teacher: stages digits_vae, digits_teacher (README "The digits teacher").
@@ -148,7 +149,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.d_frozen = ""            # regex of discriminator params kept frozen
   c.train.ema_decay = 0.999        # EMA of the generator (what is exported)
   c.train.dtype = "float32"        # compute dtype of G and D: float32 | bfloat16 (params fp32)
-  c.train.attention = "auto"       # auto | xla | cudnn | chunked
+  c.train.attention = "auto"       # auto | xla | cudnn | chunked | flash (auto: flash on TPU)
   c.train.remat = False            # rematerialise every UNet block in the backward pass
   c.train.checkpoint_every = 1000
   c.train.max_to_keep = 3

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # Mesh axes the batch is split over, in this order; `data` is always present.
@@ -40,8 +40,27 @@ def make_mesh(axes: Mapping[str, int] | None = None,
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"mesh axes {dict(zip(axes, sizes))} need {int(np.prod(sizes))} devices; "
                      f"there are {len(devices)}")
-  return jax.make_mesh(tuple(sizes), tuple(axes), axis_types=(AxisType.Auto,) * len(sizes),
-                       devices=devices)
+  types = (AxisType.Auto,) * len(sizes)
+  try:
+    return jax.make_mesh(tuple(sizes), tuple(axes), axis_types=types, devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose axes do not factor into the mesh's (e.g. fsdp 8 on v5p 4x4x4):
+    # split physical axes, still in ICI order.
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, tuple(axes), axis_types=types)
+
+
+def under_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as the context mesh (`jax.sharding.get_abstract_mesh()`), which
+  kernels that run per shard read (attention="flash": a `shard_map` over the batch axes).
+  Wrap every function jitted over a mesh with it; it changes nothing else."""
+  import functools
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -350,7 +350,8 @@ def write_shards(out_dir: str, num_examples: int, load_fn: LoadFn, compute_fn: C
       lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, parallel.replicated(mesh)),
       params)
   probe_stored, probe_inputs = _load(load_fn, [0], b)
-  step = jax.jit(functools.partial(_step, compute_fn, frozenset(probe_stored)),
+  step = jax.jit(parallel.under_mesh(functools.partial(_step, compute_fn,
+                                                       frozenset(probe_stored)), mesh),
                  in_shardings=(None, sharding), out_shardings=sharding)
   glob = lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype, sharding=sharding)
   index_b = np.zeros((b,), np.int32)

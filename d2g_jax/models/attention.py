@@ -7,6 +7,10 @@ H/W height/width, C channels.
   "auto"    the best of the below for the backend and dtype (the default);
   "xla"     jax.nn.dot_product_attention, XLA implementation (any backend);
   "cudnn"   jax.nn.dot_product_attention's fused cuDNN kernel (GPU, fp16/bf16);
+  "flash"   JAX's Pallas TPU flash-attention kernel (models/flash_attention.py): no T x S
+            score matrix in HBM; self-attention whose T and S are multiples of 128, sharded
+            over the context mesh's batch axes; other shapes (the 77-token cross-attention,
+            8x8 latents, a batch the mesh does not divide) use "xla";
   "chunked" exact attention, one (example, head) at a time over blocks of queries whose
             score matrix fits a CPU core's L2 (`lax.map`), softmax normalised after the
             value product: on the 2-core x86 CPU of README's benchmarks, the 4,096-token
@@ -22,17 +26,24 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from d2g_jax.models import flash_attention
 from d2g_jax.models.layers import group_norm
 
 Dtype = Any
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "flash")
 
 
-def resolve_implementation(implementation: str, dtype) -> str:
-  """"auto": cuDNN on NVIDIA GPUs in fp16/bf16, chunked on CPU, XLA otherwise."""
+def resolve_implementation(implementation: str, dtype, backend: str | None = None) -> str:
+  """"auto": flash on TPU, cuDNN on NVIDIA GPUs in fp16/bf16, chunked on CPU, XLA otherwise.
+
+  `backend`: the platform to resolve for (default: JAX's default backend); ahead-of-time
+  compiles for a TPU topology on a CPU host pass "tpu".
+  """
   if implementation != "auto":
     return implementation
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
+    return "flash"
   if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "chunked" if backend == "cpu" else "xla"
@@ -112,8 +123,12 @@ def attention(q_BxTxNxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax.Array, 
   implementation = resolve_implementation(implementation, jnp.float32 if upcast else dtype)
   if upcast:
     q_BxTxNxK, k_BxSxNxK, v_BxSxNxK = (a.astype(jnp.float32) for a in (q_BxTxNxK, k_BxSxNxK, v_BxSxNxK))
+  if implementation == "flash" and flash_attention.supported(q_BxTxNxK, k_BxSxNxK, is_causal):
+    implementation = "xla"  # shapes the kernel does not take (see flash_attention.supported)
   if implementation == "chunked" and not is_causal:
     out = _chunked(q_BxTxNxK, k_BxSxNxK, v_BxSxNxK, chunk)
+  elif implementation == "flash":
+    out = flash_attention.flash(q_BxTxNxK, k_BxSxNxK, v_BxSxNxK)
   else:
     impl = "cudnn" if implementation == "cudnn" else "xla"
     out = jax.nn.dot_product_attention(q_BxTxNxK, k_BxSxNxK, v_BxSxNxK, is_causal=is_causal,

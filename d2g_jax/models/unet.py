@@ -115,7 +115,8 @@ class UpBlock(_BlockOptions):
 
 
 class UNet(nn.Module):
-  """UNet2DConditionModel. `attention`: "auto" | "xla" | "cudnn" | "chunked" (models/attention.py).
+  """UNet2DConditionModel. `attention`: "auto" | "xla" | "cudnn" | "chunked" | "flash"
+  (models/attention.py).
 
   `remat=True` rematerialises every down/mid/up block in the backward pass, trading
   compute for activation memory in training.

@@ -181,7 +181,8 @@ def jit_train_step(obj: Objective, state_sh: Any, consts_sh: Any, batch_sh: Any,
   """`train_step` with R1 on or off, jitted once with explicit shardings and the state
   donated: step(state, consts, batch) -> (state, metrics)."""
   import functools
-  repl = parallel.replicated(jax.tree.leaves(state_sh)[0].mesh)
-  return jax.jit(functools.partial(train_step, obj, do_r1=do_r1),
+  mesh = jax.tree.leaves(state_sh)[0].mesh
+  repl = parallel.replicated(mesh)
+  return jax.jit(parallel.under_mesh(functools.partial(train_step, obj, do_r1=do_r1), mesh),
                  in_shardings=(state_sh, consts_sh, batch_sh), out_shardings=(state_sh, repl),
                  donate_argnums=0)

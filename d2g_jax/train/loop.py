@@ -251,7 +251,7 @@ class _Sampler:
       cond = obj.cond(consts, batch)
       x_hat = obj.generator.apply(ema, batch["z"], cond)
       return decode(vae_params, batch["x"]), decode(vae_params, x_hat)
-    self.fn = jax.jit(fn, in_shardings=(state_sh.g_ema, repl, consts_sh, repl),
+    self.fn = jax.jit(parallel.under_mesh(fn, mesh), in_shardings=(state_sh.g_ema, repl, consts_sh, repl),
                       out_shardings=repl)
 
   def __call__(self, state, consts, step: int):
