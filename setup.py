@@ -34,6 +34,11 @@ TORCH = [
 # teacher is written as a diffusers StableDiffusionPipeline and the result exported to one.
 DEMO = TORCH + ["scikit-learn==1.9.1"]
 
+# XLA's TPU compiler for ahead-of-time compiles on any host (benchmarks/train_compile.py);
+# on TPU VMs it is also the runtime (jax[tpu] pins the same library). Never needed by the
+# tests or the demo.
+TPU = ["libtpu==0.0.42.*"]
+
 # Prompts from a tfds dataset prepared on disk (reading needs no TensorFlow).
 TFDS = ["tensorflow-datasets==4.9.10"]
 
@@ -58,5 +63,5 @@ setup(
     package_data={"d2g_jax": ["presets/*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH, "demo": DEMO, "tfds": TFDS, "test": TEST},
+    extras_require={"torch": TORCH, "demo": DEMO, "tfds": TFDS, "tpu": TPU, "test": TEST},
 )
