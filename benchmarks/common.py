@@ -1,6 +1,8 @@
 """Timing helper shared by the benchmark scripts."""
 
+import platform
 import statistics
+import subprocess
 import time
 
 
@@ -23,3 +25,12 @@ def interleaved_medians(fns: dict, repeats: int, pause: float = 1.0) -> dict:
       fns[name]()
       times[name].append(time.perf_counter() - t0)
   return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cpu_name() -> str:
+  """lscpu's model name (every CPU figure names its processor), else platform.processor()."""
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next(l.split(":", 1)[1].strip() for l in out.splitlines() if "Model name" in l)
+  except (OSError, StopIteration):
+    return platform.processor()

@@ -27,16 +27,16 @@ import ast
 import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import d2g_jax  # noqa: E402,F401  (XLA flags before JAX starts)
 import jax  # noqa: E402
 
+from common import cpu_name  # noqa: E402
 from d2g_jax import parallel  # noqa: E402
 from d2g_jax.aot import programs as progs_lib, report, target  # noqa: E402
 
@@ -125,7 +125,7 @@ def main(argv=None):
   print(f"{model.preset} ({model.latent}x{model.latent} latents) on {args.topology}: {n} "
         f"{devices[0].device_kind} devices, train mesh {dict(mesh.shape)}; "
         f"{chip.name + ' HBM ' + format(chip.hbm_bytes / 1e9, '.0f') + ' GB, bf16 peak ' + format(chip.bf16_flops / 1e12, '.0f') + ' TFLOP/s (' + chip.source + ')' if chip else 'no chip model'}"
-        f"; compiled on {_cpu_name()}", flush=True)
+        f"; compiled on {cpu_name()}", flush=True)
   results = []
 
   def train_at(b, which):
@@ -161,18 +161,10 @@ def main(argv=None):
   if args.json:
     record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
               "model": model.preset, "devices": n, "mesh": dict(mesh.shape),
-              "chip": chip.__dict__ if chip else None, "cpu": _cpu_name(),
+              "chip": chip.__dict__ if chip else None, "cpu": cpu_name(),
               "jax": jax.__version__, "results": results}
     with open(args.json, "a") as fh:
       fh.write(json.dumps(record) + "\n")
-
-
-def _cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(l.split(":", 1)[1].strip() for l in out.splitlines() if "Model name" in l)
-  except (OSError, StopIteration):
-    return platform.processor()
 
 
 if __name__ == "__main__":

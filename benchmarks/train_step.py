@@ -22,8 +22,6 @@ import argparse
 import functools
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -35,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from common import interleaved_medians  # noqa: E402
+from common import cpu_name, interleaved_medians  # noqa: E402
 from d2g_jax import config_defaults  # noqa: E402
 from d2g_jax.models.unet import UNet  # noqa: E402
 from d2g_jax.models.unet_config import UNetConfig  # noqa: E402
@@ -142,7 +140,7 @@ def main(argv=None):
     for f in fns.values():
       f()
   times = interleaved_medians(fns, args.repeats)
-  cpu = _cpu_name()
+  cpu = cpu_name()
   print(f"\n{args.preset}, {s}x{s}x4 latents, batch {b}, {args.dtype}, {args.optimizer}; "
         f"{jax.devices()[0].device_kind} ({cpu}); median of {args.repeats}, timed in turns")
   for name, t in times.items():
@@ -157,14 +155,6 @@ def main(argv=None):
     with open(args.json, "w") as fh:
       json.dump({"args": vars(args), "device": jax.devices()[0].device_kind, "cpu": cpu,
                  "seconds": times, "info": info}, fh, indent=2)
-
-
-def _cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(l.split(":", 1)[1].strip() for l in out.splitlines() if "Model name" in l)
-  except (OSError, StopIteration):
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -155,7 +155,11 @@ def _state(workdir, step):
     return reader.restore(str(workdir / "checkpoints" / str(step) / "state"))
 
 
+@pytest.mark.slow  # ~200 s (three trainer processes); the suite keeps the Checkpointer-level
+# SIGKILL test (test_checkpoint.py::test_exact_resume_after_sigkill) within CI's 20 minutes
 def test_resume_after_sigkill_is_exact(root, tmp_path):
+  """The train stage killed with SIGKILL after its first checkpoint, then run again, ends
+  bit-identical to an uninterrupted run: every metric and every leaf of the state."""
   steps = 12
   full, killed = tmp_path / "full", tmp_path / "killed"
   t0 = time.time()

@@ -8,11 +8,9 @@ the optional `tpu` extra) are skipped without it.
 import importlib.util
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from d2g_jax import config_defaults, parallel

@@ -214,9 +214,9 @@ def sampler_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
     return run
 
   programs = []
-  for name, steps in (("ddim_step", 1), ("ddim_scan", config.pairs.num_steps)):
-    fn = jax.jit(parallel.under_mesh(sampler(attention, steps), mesh),
+  for name, n in (("ddim_step", 1), ("ddim_scan", config.pairs.num_steps)):
+    fn = jax.jit(parallel.under_mesh(sampler(attention, n), mesh),
                  in_shardings=(repl, batch_sh, batch_sh, repl), out_shardings=batch_sh)
-    programs.append(Program(name, fn, args, per_chip_batch, sampler("xla", steps), args,
-                            note=f"{steps} DDIM step(s), CFG {g}, attention={attention}"))
+    programs.append(Program(name, fn, args, per_chip_batch, sampler("xla", n), args,
+                            note=f"{n} DDIM step(s), CFG {g}, attention={attention}"))
   return programs
