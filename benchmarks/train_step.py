@@ -13,7 +13,9 @@ compute dtype) the model-FLOPs utilisation is printed too.
 
 Memory: the state (G, its EMA, D, and with Adam two moments each) is ~24 GB in fp32 for
 SD 1.5; on a machine with less memory use `--optimizer sgd` (no optimiser state: the same
-step, a cheaper update). The paper's 9.7x (A100) is for the loss alone; this is the step.
+step, a cheaper update). Both steps in one process were killed for memory on a 24 GB host
+even at 32x32 latents with sgd (24.3 GB resident; XLA temporaries 7.7 + 8.4 GB); there, time
+one loss per process (`--losses e_latent_lpips`, then `--losses lpips`) and say so. The paper's 9.7x (A100) is for the loss alone; this is the step.
 """
 
 from __future__ import annotations
