@@ -87,3 +87,21 @@ def mtimes(root) -> dict:
       path = os.path.join(folder, name)
       out[os.path.relpath(path, root)] = os.stat(path).st_mtime_ns
   return out
+
+
+def test_perceptual_data_is_kept_or_refused_never_replaced(tmp_path):
+  """digits_lpips_data: a rerun keeps the folder; other settings are refused (the latent
+  caches made from the old folder would be stale), and the old folder survives."""
+  config = run.resolve(demo_config(str(tmp_path)))
+  config.stages = "digits_lpips_data"
+  run.run(config)
+  root = tmp_path / "digits" / "perceptual_data"
+  assert sorted(os.listdir(root / "train")) == [str(d) for d in range(10)]
+  assert (root / "bapps" / "2afc" / "val").is_dir()
+  before = mtimes(root)
+  run.run(config)
+  assert mtimes(root) == before
+  config.demo.twoafc_per_family = 3
+  with pytest.raises(ValueError, match=r"other settings \(differing: \['per_family'\]\)"):
+    run.run(config)
+  assert mtimes(root) == before

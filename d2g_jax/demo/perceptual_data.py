@@ -108,39 +108,26 @@ def write_2afc(images_NxSxSx3, root: str, per_family: int, seed: int) -> str:
 
 def run_data(config) -> dict:
   """Stage digits_lpips_data: <digits dir>/{train, held_out} image folders and a 2AFC folder
-  (`demo.twoafc_per_family` triplets per family and split), written whole or not at all."""
-  import json
-  import shutil
-  import tempfile
-
-  from d2g_jax.demo import digits
+  (`demo.twoafc_per_family` triplets per family and split), written whole or not at all
+  (`folders.build`); a folder made with other settings is refused, not replaced, since the
+  latent caches made from it would be stale."""
+  from d2g_jax.demo import digits, folders
   dg = config.digits
   root = os.path.join(dg.dir, "perceptual_data")
   stamp = {"image_size": dg.image_size, "held_out": dg.held_out, "split_seed": dg.split_seed,
            "per_family": config.demo.twoafc_per_family, "seed": config.seed}
-  marker = os.path.join(root, "done.json")
-  if os.path.isfile(marker):
-    with open(marker) as fh:
-      if json.load(fh) == stamp:
-        _log.info(f"{root} is complete; nothing to do")
-        return {"root": root}
+  if folders.finished(root, stamp, "digits_lpips_data") is not None:
+    _log.info(f"{root} is complete; nothing to do")
+    return {"root": root}
   train, held = digits.load(dg.image_size, dg.held_out, dg.split_seed)
-  os.makedirs(dg.dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=dg.dir, prefix=".perceptual_data.")
-  try:
+
+  def fill(tmp):
     write_class_folder(train.images_NxHxWx3, train.labels_N, os.path.join(tmp, "train"))
     write_class_folder(held.images_NxHxWx3, held.labels_N, os.path.join(tmp, "held_out"))
     write_2afc(train.images_NxHxWx3, os.path.join(tmp, "bapps"),
                config.demo.twoafc_per_family, config.seed)
-    with open(os.path.join(tmp, "done.json"), "w") as fh:
-      json.dump(stamp, fh)
-    if os.path.exists(root):
-      shutil.rmtree(root)
-    os.replace(tmp, root)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  folders.build(root, fill, "digits_lpips_data", stamp, {})
   n = config.demo.twoafc_per_family * sum(len(f) for f in FAMILIES.values())
   _log.info(f"{len(train.labels_N)} training and {len(held.labels_N)} held-out "
-        f"digit images (class folders) and {n} 2AFC triplets -> {root}")
+            f"digit images (class folders) and {n} 2AFC triplets -> {root}")
   return {"root": root}
