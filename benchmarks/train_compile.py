@@ -97,7 +97,8 @@ def line(r: dict, chip) -> str:
     s += f" = {100 * r['hbm_fraction']:.0f}% of {chip.hbm_bytes / 1e9:.0f}"
   s += (f" | TFLOP/chip HLO {r['hlo_flops'] / 1e12:.2f} model {r['model_flops'] / 1e12:.2f}")
   if est is not None:
-    s += (f" | est {1e3 * est:.1f} ms (compiler {1e3 * r['optimal_seconds']:.1f}"
+    loops = f" loops x{r['loop_scale']:.0f}" if round(r.get("loop_scale", 1.0), 3) != 1 else ""
+    s += (f" | est {1e3 * est:.1f} ms (compiler {1e3 * r['optimal_seconds']:.1f}{loops}"
           f" + kernels {1e3 * r['kernel_seconds']:.1f})")
   if "mfu" in r:
     s += f" MFU {100 * r['mfu']:.1f}%"

@@ -136,6 +136,9 @@ def base() -> ml_collections.ConfigDict:
   c.train.pairs = ""               # pair dataset folder ('' = pairs.out_dir)
   c.train.num_steps = 20000
   c.train.batch_size = 64          # global; a multiple of the devices along (data, fsdp)
+  c.train.microbatches = 1         # gradient accumulation: each update over k sequential parts
+                                   # of the batch (1/k of the activations; batch_size / devices
+                                   # must be a multiple of k)
   c.train.g_lr = 1e-5
   c.train.d_lr = 1e-5
   c.train.adam_b1 = 0.0            # GAN practice (StyleGAN2, GigaGAN): no first-moment momentum

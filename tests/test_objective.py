@@ -152,3 +152,41 @@ def test_step_metrics_and_weights(pairs):
   shapes = jax.eval_shape(functools.partial(steps.train_step, obj, do_r1=True), state, consts,
                           batch)[1]  # traced, not compiled
   assert "g/regression" not in shapes and {"g/gan", "d/r1", "d/loss"} <= set(shapes)
+
+
+def test_split_microbatches_keeps_each_devices_rows():
+  a = jnp.arange(12).reshape(12, 1)
+  parts = steps.split_microbatches({"x": a}, 3)["x"]
+  assert parts.shape == (3, 4, 1)
+  np.testing.assert_array_equal(parts[1, :, 0], [1, 4, 7, 10])  # rows j, j + k, ...
+  with pytest.raises(ValueError, match="does not split into 5 microbatches"):
+    steps.split_microbatches({"x": a}, 5)
+
+
+def test_microbatches_accumulate_the_whole_batch_update(pairs):
+  """Gradient accumulation: with SGD at lr 1 the update is minus the gradient, and 2 or 4
+  microbatches give the whole batch's D and G updates (R1 included) and its metrics. No
+  mix-and-match: it pairs rows inside a microbatch, so it differs by design."""
+  import optax
+  teacher, batch = pairs
+  sgd = optax.sgd(1.0)
+  runs = {}
+  for k in (1, 4):
+    obj, state, consts = make_objective(teacher, mix_fraction=0.0, microbatches=k,
+                                        g_tx=sgd, d_tx=sgd)
+    new, m = jax.jit(functools.partial(steps.train_step, obj, do_r1=True))(state, consts,
+                                                                             batch)
+    runs[k] = (jax.device_get(new), jax.device_get(m))
+  (ref, ref_m), old = runs[1], jax.device_get(state)
+  for k in (4,):
+    new, m = runs[k]
+    for part in ("d_params", "g_params"):
+      want = jax.tree.leaves(jax.tree.map(np.subtract, getattr(ref, part), getattr(old, part)))
+      got = jax.tree.leaves(jax.tree.map(np.subtract, getattr(new, part), getattr(old, part)))
+      scale = max(np.abs(w).max() for w in want)
+      assert scale > 0
+      err = max(np.abs(g - w).max() for g, w in zip(got, want))
+      assert err <= 1e-4 * scale, (k, part, err, scale)
+    assert set(m) == set(ref_m)
+    for name in ("d/loss", "d/r1", "d/logit_real", "d/logit_fake", "g/regression", "g/gan"):
+      np.testing.assert_allclose(m[name], ref_m[name], rtol=1e-4, atol=1e-6, err_msg=name)

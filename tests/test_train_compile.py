@@ -48,6 +48,7 @@ def test_matmul_flops_counts_dots_convs_scans_shard_maps_and_gradients():
   assert count(jax.grad(lambda a, b: jnp.sum(a @ b), argnums=(0, 1)), a, b) == 3 * 2 * 4 * 8 * 16
   scan = lambda a: jax.lax.scan(lambda c, _: (c @ jnp.eye(8), None), a, length=5)[0]
   assert count(scan, a) == 5 * 2 * 4 * 8 * 8
+  assert report.matmul_flops(jax.make_jaxpr(scan)(a), loops=False) == 2 * 4 * 8 * 8
   mesh = parallel.make_mesh({"data": 8})
   spec = jax.sharding.PartitionSpec("data")
   sharded = jax.shard_map(lambda a: a @ b, mesh=mesh, in_specs=spec, out_specs=spec)
@@ -129,8 +130,18 @@ def test_train_step_and_sampler_programs_for_cpu_devices():
   assert "tf.aliasing_output" in lowered  # the state is donated
   model_flops = report.matmul_flops(jax.make_jaxpr(train.reference)(*train.reference_args))
   assert model_flops > 0
-  step = programs.sampler_programs(tiny_config(), model, parallel.make_mesh({"data": 8}, devices),
-                                   2, platform="cpu")[0]
+  # Gradient accumulation: the same work, in a scan over the microbatches.
+  config = tiny_config()
+  config.train.microbatches = 2
+  accum, = programs.train_programs(config, model, mesh, 2, platform="cpu", variants=["train"])
+  jaxpr = jax.make_jaxpr(accum.reference)(*accum.reference_args)
+  assert report.matmul_flops(jaxpr) == pytest.approx(2 * model_flops)  # batch 2 per chip
+  assert report.matmul_flops(jaxpr, loops=False) == pytest.approx(model_flops)
+  with pytest.raises(ValueError, match="do not split into train.microbatches=2"):
+    programs.train_programs(config, model, mesh, 1, platform="cpu", variants=["train"])
+  step, scan = programs.sampler_programs(tiny_config(), model,
+                                         parallel.make_mesh({"data": 8}, devices), 2,
+                                         platform="cpu")
   r = report.compile_report(step, None, 8)
   assert r["program"] == "ddim_step" and r["per_chip_batch"] == 2 and r["fits"]
   assert r["peak_bytes"] >= r["argument_bytes"] > 0 and r["hlo_flops"] > 0
@@ -140,6 +151,10 @@ def test_train_step_and_sampler_programs_for_cpu_devices():
   assert 0.5 < r["model_flops"] / r["hlo_flops"] < 1.5
   assert "all-gather" not in r["collectives"]  # the batch stays where it is
   assert r["kernels"] == {} and "mfu" not in r  # no chip model on CPU
+  # The 2-step scan: XLA's cost analysis counts the loop body once; the report scales it.
+  r2 = report.compile_report(scan, None, 8)
+  assert r2["loop_scale"] == pytest.approx(2.0) and r["loop_scale"] == 1.0
+  assert r2["hlo_flops"] == pytest.approx(2 * r["hlo_flops"], rel=0.05)
 
 
 def test_command_line_writes_a_json_record(tmp_path, monkeypatch):

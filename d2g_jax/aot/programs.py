@@ -126,6 +126,7 @@ def train_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
       config.train.dtype, "train.dtype"), platform)
   config = _with_train(config, attention=attention)
   b = per_chip_batch * parallel.batch_size_divisor(mesh)
+  build.check_batch(b, config.train.microbatches, mesh)
   batch_sh = parallel.batch_sharding(mesh)
   hw = (model.latent, model.latent, unet_config.in_channels)
   batch = {"z": _struct((b,) + hw, jnp.float32, batch_sh),
@@ -157,7 +158,8 @@ def train_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
                    out_shardings=(state_sh, repl), donate_argnums=0)
     ref = half_step(ref_obj, name)
     programs.append(Program(name, fn, args, per_chip_batch, ref, ref_args,
-                            note=f"attention={attention}, remat={config.train.remat}"))
+                            note=f"attention={attention}, remat={config.train.remat}, "
+                         f"microbatches={config.train.microbatches}"))
   return programs
 
 

@@ -11,7 +11,11 @@ of memory on HBM ... exceeds available HBM (95.74G)" for v5p), which is reported
 `fits: False` with that message. Cost (`compiled.cost_analysis()`):
 HLO FLOPs per chip (everything the compiled program does, recomputation included), bytes
 accessed, and the TPU compiler's `optimal_seconds`: its model of the step time, not a
-measurement.
+measurement. The cost analysis counts the body of a loop once (the DDIM scan, the
+microbatch scan of gradient accumulation), so these three are multiplied by `loop_scale`:
+the reference's matmul FLOPs with every scan at its length over the same with each body
+once (50 for the 50-step DDIM scan; the microbatches for accumulation, slightly
+overcounting the optimiser update outside the loop).
 
 Model FLOPs: the matmul and convolution FLOPs (2 per multiply-add) of the program's
 reference twin (no rematerialisation, XLA attention), counted from its jaxpr and divided
@@ -48,12 +52,13 @@ FLASH_KERNELS = {"_flash_attention_kernel": 4, "_flash_attention_dkv_kernel": 8,
 
 
 # ------------------------------------------------------------------ jaxpr walks
-def _sub_jaxprs(eqn):
-  """(jaxpr, multiplier, is_branch) for every sub-jaxpr of an equation."""
+def _sub_jaxprs(eqn, loops: bool = True):
+  """(jaxpr, multiplier, is_branch) for every sub-jaxpr of an equation; a scan's body
+  counts `length` times (once if not `loops`)."""
   name = eqn.primitive.name
   if name == "pallas_call":
     return  # its jaxpr is one grid step of the kernel, not the work
-  mult = eqn.params.get("length", 1) if name == "scan" else 1
+  mult = eqn.params.get("length", 1) if name == "scan" and loops else 1
   for value in eqn.params.values():
     for item in value if isinstance(value, (tuple, list)) else (value,):
       inner = getattr(item, "jaxpr", item)
@@ -61,9 +66,10 @@ def _sub_jaxprs(eqn):
         yield inner, mult, name == "cond"
 
 
-def matmul_flops(jaxpr) -> float:
+def matmul_flops(jaxpr, loops: bool = True) -> float:
   """dot_general and convolution FLOPs of a (closed) jaxpr, global: the body of a
-  shard_map counts once per device, a scan's body `length` times, a cond's largest branch."""
+  shard_map counts once per device, a scan's body `length` times (once if not `loops`),
+  a cond's largest branch."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0.0
   for eqn in jaxpr.eqns:
@@ -76,10 +82,12 @@ def matmul_flops(jaxpr) -> float:
       rhs, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
       per_out = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_out
-    subs = list(_sub_jaxprs(eqn))
+    subs = list(_sub_jaxprs(eqn, loops))
     scale = eqn.params["mesh"].size if name == "shard_map" else 1
-    total += sum(scale * mult * matmul_flops(inner) for inner, mult, branch in subs if not branch)
-    total += max((matmul_flops(inner) for inner, _, branch in subs if branch), default=0.0)
+    total += sum(scale * mult * matmul_flops(inner, loops) for inner, mult, branch in subs
+                 if not branch)
+    total += max((matmul_flops(inner, loops) for inner, _, branch in subs if branch),
+                 default=0.0)
   return total
 
 
@@ -176,11 +184,16 @@ def compile_report(program, chip: Chip | None, n_chips: int) -> dict[str, Any]:
     r[f"{key}_bytes"] = int(getattr(mem, f"{key}_size_in_bytes", 0) or 0)
   r["peak_bytes"] = (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
                      + r["temp_bytes"] + r["generated_code_bytes"])
-  r["hlo_flops"] = float(cost.get("flops", 0.0))
-  r["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
-  r["optimal_seconds"] = cost.get("optimal_seconds")
-  r["model_flops"] = matmul_flops(jax.make_jaxpr(program.reference)(*program.reference_args)) \
-      / n_chips
+  reference = jax.make_jaxpr(program.reference)(*program.reference_args)
+  r["model_flops"] = matmul_flops(reference) / n_chips
+  # XLA's cost analysis counts a loop's body once (the DDIM scan, the microbatch scan):
+  # scale it by the ratio of the matmul work with and without the trip counts.
+  once = matmul_flops(reference, loops=False)
+  r["loop_scale"] = loop_scale = r["model_flops"] * n_chips / once if once else 1.0
+  r["hlo_flops"] = float(cost.get("flops", 0.0)) * loop_scale
+  r["bytes_accessed"] = float(cost.get("bytes accessed", 0.0)) * loop_scale
+  optimal = cost.get("optimal_seconds")
+  r["optimal_seconds"] = None if optimal is None else float(optimal) * loop_scale
   kernels = pallas_kernels(traced.jaxpr)
   r["kernels"] = dict(Counter(k["kernel"] + ("" if k["costed"] else " (no cost)")
                               for k in kernels))

@@ -119,6 +119,8 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
   if d.diffuse_t_min > d.diffuse_t_max:
     raise ValueError(f"discriminator.diffuse_t_min={d.diffuse_t_min} > diffuse_t_max="
                      f"{d.diffuse_t_max}")
+  if t.microbatches < 1:
+    raise ValueError(f"train.microbatches={t.microbatches} must be >= 1 (1 = no accumulation)")
   if o.r1_interval < 1 or o.r1_samples < 1:
     raise ValueError(f"objective.r1_interval={o.r1_interval} and r1_samples={o.r1_samples} "
                      "must be >= 1 (set r1_gamma=0 to turn R1 off)")
@@ -130,8 +132,21 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
       diffuse=d.diffuse, diffuse_t_min=d.diffuse_t_min, diffuse_t_max=d.diffuse_t_max,
       sdxl=sdxl, time_ids=None if time_ids is None else tuple(float(v) for v in
                                                                np.ravel(time_ids)),
-      encode_tokens=encode_tokens, paired=t.recipe != "gdd")
+      encode_tokens=encode_tokens, paired=t.recipe != "gdd", microbatches=t.microbatches)
   return obj, {"loss": loss_params, "text": text_params}
+
+
+def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> int:
+  """This host's rows of a global batch, checked: divisible over the batch devices (and
+  hosts), and each device's rows into `microbatches` equal parts."""
+  local = parallel.local_batch_size(batch_size, mesh)
+  per_device = batch_size // parallel.batch_size_divisor(mesh)
+  if per_device % microbatches:
+    raise ValueError(f"train.batch_size={batch_size} gives {per_device} rows per device "
+                     f"({parallel.batch_size_divisor(mesh)} devices along the batch axes), "
+                     f"which do not split into train.microbatches={microbatches}: choose a "
+                     "batch size that is a multiple of devices x microbatches")
+  return local
 
 
 def init_fn(obj: Objective):

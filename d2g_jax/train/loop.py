@@ -130,7 +130,7 @@ def run_train(config) -> dict[str, Any]:
                                       recompute_text=recompute_text)
 
   mesh = parallel.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp})
-  local_batch = parallel.local_batch_size(t.batch_size, mesh)
+  local_batch = build.check_batch(t.batch_size, t.microbatches, mesh)
   teacher_abstract = init_shapes(teacher.info.unet)
   abstract, state_sh = build.state_shardings(obj, teacher_abstract, mesh, config.sharding)
   consts_sh = build.consts_shardings(consts, mesh, config.sharding)

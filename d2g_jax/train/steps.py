@@ -43,6 +43,7 @@ from d2g_jax.train.state import TrainState
 
 
 NOISE_STREAM = 1  # fold_in(step key, NOISE_STREAM): G's noise when the batch has none
+R1_STREAM = 2    # fold_in(D's key, R1_STREAM): the diffusion noise of R1's rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Objective:
   time_ids: tuple[float, ...] | None = None  # SDXL: the pairs' (6,) micro-conditioning
   encode_tokens: EncodeTokens | None = None  # recompute embeddings from token ids
   paired: bool = True            # x is the teacher's solution from z (False: real data, GDD)
+  microbatches: int = 1          # gradient accumulation: each update over k sequential parts
 
   def cond(self, consts, batch) -> dict:
     time_ids = None if self.time_ids is None else np.asarray(self.time_ids, np.float32)
@@ -102,18 +104,54 @@ def _readout_metrics(prefix: str, names, logits, mask_B) -> dict[str, jax.Array]
           for n, l in zip(names, logits)}
 
 
+def split_microbatches(tree: Any, k: int) -> Any:
+  """(B, ...) leaves -> (k, B/k, ...): microbatch j holds rows j, j + k, j + 2k, ... so that
+  a batch split over devices along axis 0 gives every device B/(k x devices) rows of each
+  microbatch (no data moves)."""
+  def split(a):
+    if a.shape[0] % k:
+      raise ValueError(f"batch of {a.shape[0]} rows does not split into {k} microbatches")
+    return jnp.swapaxes(a.reshape((a.shape[0] // k, k) + a.shape[1:]), 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def mean_gradients(loss_fn: Callable, params: Any, batch: dict, key: jax.Array,
+                   microbatches: int = 1) -> tuple[Any, dict]:
+  """(gradients, aux) of `loss_fn(params, batch, key) -> (loss, aux)`, or with
+  `microbatches` k > 1 their means over k sequential microbatches (a `lax.scan`, microbatch
+  j with key `fold_in(key, j)`): gradient accumulation, the update of the whole batch with
+  1/k of the activation memory. Metrics in `aux` become means over the microbatches."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (_, aux), grads = grad_fn(params, batch, key)
+    return grads, aux
+  parts = split_microbatches(batch, microbatches)
+
+  def body(total, part_j):
+    part, j = part_j
+    (_, aux), grads = grad_fn(params, part, jax.random.fold_in(key, j))
+    return jax.tree.map(lambda t, v: t + v.astype(t.dtype), total, (grads, aux)), None
+
+  first = jax.tree.map(lambda a: a[0], parts)
+  shapes = jax.eval_shape(lambda: grad_fn(params, first, key))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+                       (shapes[1], shapes[0][1]))
+  total, _ = jax.lax.scan(body, zeros, (parts, jnp.arange(microbatches)))
+  return jax.tree.map(lambda t: t / microbatches, total)
+
+
 def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
                        key: jax.Array, do_r1: bool = False) -> tuple[TrainState, dict]:
   """One D update -> (state with new d_params and d_opt, metrics)."""
-  cond = obj.cond(consts, batch)
-  z, x = batch["z"], batch["x"].astype(jnp.float32)
-  k_mix, k_diff = jax.random.split(key)
-  x_fake = jax.lax.stop_gradient(obj.generator.apply(state.g_params, z, cond))
-  x_fake, mm = adv.mix_and_match(k_mix, x, x_fake, obj.mix_fraction)
-  (x_real_in, x_fake_in), t_B = obj.d_inputs(k_diff, x, x_fake)
   names = obj.discriminator.readout_names()
 
-  def loss_fn(d_params):
+  def loss_fn(d_params, part, key):
+    cond = obj.cond(consts, part)
+    z, x = part["z"], part["x"].astype(jnp.float32)
+    k_mix, k_diff = jax.random.split(key)
+    x_fake = jax.lax.stop_gradient(obj.generator.apply(state.g_params, z, cond))
+    x_fake, mm = adv.mix_and_match(k_mix, x, x_fake, obj.mix_fraction)
+    (x_real_in, x_fake_in), t_B = obj.d_inputs(k_diff, x, x_fake)
     logits = obj.apply_d(d_params, interleave(x_real_in, x_fake_in), interleave(z, z),
                          _interleave_tree(cond, cond), interleave(t_B, t_B))
     real, fake = [l[0::2] for l in logits], [l[1::2] for l in logits]
@@ -121,25 +159,31 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
     loss = loss_real + loss_fake
     score_real, score_fake = adv.per_sample_score(real), adv.per_sample_score(fake)
     ones, genuine = jnp.ones_like(score_real, bool), ~mm["mixed"]
-    aux = {"d/loss_real": loss_real, "d/loss_fake": loss_fake,
+    aux = {"d/loss_real": loss_real, "d/loss_fake": loss_fake, "d/loss": loss,
            "d/logit_real": jnp.mean(score_real),
            "d/logit_fake": _masked_mean(score_fake, genuine),
            **_readout_metrics("d/logit_real", names, real, ones),
            **_readout_metrics("d/logit_fake", names, fake, genuine)}
     if obj.mix_fraction:
       aux["d/logit_mixed"] = _masked_mean(score_fake, mm["mixed"])
-    if do_r1:
-      n = obj.r1_samples
-      head = lambda tree: jax.tree.map(lambda a: a[:n], tree)
-      score = lambda xs: adv.per_sample_score(
-          obj.apply_d(d_params, xs, z[:n], head(cond), t_B[:n]))
-      r1 = adv.r1_penalty(score, x_real_in[:n])
-      loss = loss + adv.r1_weight(obj.r1_gamma, obj.r1_interval) * r1
-      aux["d/r1"] = r1
-    aux["d/loss"] = loss
     return loss, aux
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
+  def r1_fn(d_params):
+    """The R1 penalty on the first r1_samples real rows (their own diffusion noise)."""
+    n = obj.r1_samples
+    head = jax.tree.map(lambda a: a[:n], batch)
+    cond, z = obj.cond(consts, head), head["z"]
+    (x_in,), t_B = obj.d_inputs(jax.random.fold_in(key, R1_STREAM),
+                                head["x"].astype(jnp.float32))
+    score = lambda xs: adv.per_sample_score(obj.apply_d(d_params, xs, z, cond, t_B))
+    return adv.r1_penalty(score, x_in)
+
+  grads, metrics = mean_gradients(loss_fn, state.d_params, batch, key, obj.microbatches)
+  if do_r1:
+    weight = adv.r1_weight(obj.r1_gamma, obj.r1_interval)
+    r1, r1_grads = jax.value_and_grad(r1_fn)(state.d_params)
+    grads = jax.tree.map(lambda g, r: g + weight * r, grads, r1_grads)
+    metrics["d/r1"], metrics["d/loss"] = r1, metrics["d/loss"] + weight * r1
   updates, d_opt = obj.d_tx.update(grads, state.d_opt, state.d_params)
   d_params = optax.apply_updates(state.d_params, updates)
   metrics["d/grad_norm"] = optax.tree.norm(grads)
@@ -150,11 +194,11 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
 def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
                    key: jax.Array) -> tuple[TrainState, dict]:
   """One G update (and the EMA) against the current D -> (state, metrics)."""
-  cond = obj.cond(consts, batch)
-  z, x = batch["z"], batch["x"].astype(jnp.float32)
-  k_reg, k_diff = jax.random.split(key)
 
-  def loss_fn(g_params):
+  def loss_fn(g_params, part, key):
+    cond = obj.cond(consts, part)
+    z, x = part["z"], part["x"].astype(jnp.float32)
+    k_reg, k_diff = jax.random.split(key)
     x_hat = obj.generator.apply(g_params, z, cond)
     loss, aux = 0.0, {}
     if obj.regression_weight:
@@ -169,7 +213,7 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
       aux["g/mse"] = jnp.mean(jnp.square(x_hat - x))
     return loss, aux
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
+  grads, metrics = mean_gradients(loss_fn, state.g_params, batch, key, obj.microbatches)
   updates, g_opt = obj.g_tx.update(grads, state.g_opt, state.g_params)
   g_params = optax.apply_updates(state.g_params, updates)
   g_ema = ema_update(state.g_ema, g_params, obj.ema_decay)
