@@ -58,7 +58,40 @@ def parse_args(argv=None):
   p.add_argument("--search", action="store_true", help="largest per-chip train batch that fits")
   p.add_argument("--search_limit", type=int, default=256)
   p.add_argument("--json", default="", help="append one JSON line per run to this file")
+  p.add_argument("--project", default="", metavar="RUNS.jsonl",
+                 help="compile nothing: the paper's recipe's wall time from the records of "
+                      "earlier runs (--json) of this model on this topology")
   return p.parse_args(argv)
+
+
+def _hours(seconds):
+  return f"{seconds / 3600:.1f} h"
+
+
+def project(path: str, model: str, n_chips: int) -> dict:
+  """`report.project_recipe` over every record of `model` on `n_chips` chips in `path`."""
+  results = []
+  with open(path) as fh:
+    for line_ in fh:
+      rec = json.loads(line_) if line_.strip() else None
+      if rec and rec["model"] == model and rec["devices"] == n_chips:
+        results += rec["results"]
+  if not results:
+    raise SystemExit(f"{path}: no record of {model} on {n_chips} chips; run the compiles "
+                     "with --json first")
+  p = report.project_recipe(results, n_chips)
+  print(f"the paper's recipe for {model} on {n_chips} chips (compiler estimates, not "
+        f"measurements): {p['pairs']:,} pairs at {p['ddim_steps']} DDIM steps with CFG, then "
+        f"{p['train_steps']:,} train steps")
+  if "pairs_seconds" in p:
+    print(f"  pairs  {_hours(p['pairs_seconds'])}")
+  if "train_seconds" in p:
+    print(f"  train  {_hours(p['train_seconds'])} (global batch {p['global_batch']})")
+  if "total_seconds" in p:
+    print(f"  total  {_hours(p['total_seconds'])}")
+  for note in p["notes"]:
+    print(f"  note: {note}")
+  return p
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -111,6 +144,8 @@ def main(argv=None):
   model = progs_lib.MODELS[args.model] if args.model else progs_lib.model_of(config)
   devices = target.devices(args.topology)
   chip = target.chip(args.topology)
+  if args.project:
+    return project(args.project, model.preset, len(devices))
   if args.search and chip is None:
     raise SystemExit(f"--search needs a TPU topology with a known chip ({sorted(target.CHIPS)})")
   axes = target.parse_axes(args.mesh) if args.mesh else {"data": config.mesh.data,

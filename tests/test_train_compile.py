@@ -7,6 +7,7 @@ the optional `tpu` extra) are skipped without it.
 
 import importlib.util
 import json
+import math
 import os
 
 import jax
@@ -157,12 +158,17 @@ def test_train_step_and_sampler_programs_for_cpu_devices():
   assert r2["hlo_flops"] == pytest.approx(2 * r["hlo_flops"], rel=0.05)
 
 
-def test_command_line_writes_a_json_record(tmp_path, monkeypatch):
+def _cli():
   spec = importlib.util.spec_from_file_location(
       "train_compile", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
                                     "train_compile.py"))
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
+  return cli
+
+
+def test_command_line_writes_a_json_record(tmp_path, monkeypatch):
+  cli = _cli()
   out = tmp_path / "r.jsonl"
   cli.main(["--config", os.path.join(os.path.dirname(__file__), "tiny_train_config.py"),
             "--model", "tiny_sd15", "--topology", "cpu:8", "--programs", "ddim_step",
@@ -228,3 +234,26 @@ def test_attention_compiles_for_h100s_without_a_gpu():
     assert r["fits"] and "est_seconds" not in r
     temps[impl] = r["temp_bytes"]
   assert temps["cudnn"] < temps["xla"] / 4
+
+
+def test_recipe_projection_from_estimates(tmp_path, capsys):
+  """3M pairs at 50 steps and 20k train steps (R1 every 16th) from the per-call estimates."""
+  results = [{"program": "ddim_step", "per_chip_batch": 16, "fits": True, "est_seconds": 0.1},
+             {"program": "train", "per_chip_batch": 16, "fits": True, "est_seconds": 1.0},
+             {"program": "train", "per_chip_batch": 32, "fits": False},
+             {"program": "train_r1", "per_chip_batch": 16, "fits": True, "est_seconds": 2.6}]
+  p = report.project_recipe(results, 64)
+  assert p["pairs_seconds"] == pytest.approx(math.ceil(3e6 / (64 * 16)) * 50 * 0.1)
+  assert p["train_seconds"] == pytest.approx(20000 * (15 / 16 * 1.0 + 2.6 / 16))
+  assert p["global_batch"] == 1024 and p["notes"] == []
+  assert p["total_seconds"] == pytest.approx(p["pairs_seconds"] + p["train_seconds"])
+  p = report.project_recipe(results[1:2], 64)
+  assert "pairs_seconds" not in p and "total_seconds" not in p and len(p["notes"]) == 2
+  # from the command line, over --json records of the same model and chip count
+  runs = tmp_path / "runs.jsonl"
+  runs.write_text(json.dumps({"model": "tiny_sd15", "devices": 8, "results": results}) + "\n")
+  cli = _cli()
+  cli.main(["--model", "tiny_sd15", "--topology", "cpu:8", "--project", str(runs)])
+  assert "total" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="no record of tiny_sd15 on 4 chips"):
+    cli.main(["--model", "tiny_sd15", "--topology", "cpu:4", "--project", str(runs)])

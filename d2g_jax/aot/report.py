@@ -253,3 +253,37 @@ def largest_fitting(report_at: Callable[[int], dict], start: int, hbm_bytes: flo
     while b > hi and not fits(b - 1):
       b -= 1
   return result()
+
+
+# ------------------------------------------------------------------ the paper's recipe
+def project_recipe(results: list[dict], n_chips: int, *, pairs: int = 3_000_000,
+                   ddim_steps: int = 50, train_steps: int = 20_000, r1_interval: int = 16
+                   ) -> dict[str, Any]:
+  """Wall time of the paper's recipe on `n_chips` from compiled reports' estimates:
+  pairs = ceil(pairs / (n_chips x b)) calls of `ddim_steps` x the `ddim_step` estimate (b
+  pairs per chip), training = train_steps x ((1 - 1/r1_interval) x `train` + 1/r1_interval x
+  `train_r1`) (`train` for both when `train_r1` was not compiled: then R1's cost is missing).
+  `results`: report dicts; the last fitting one of each program is used. The compiler's
+  model, like its inputs: no measurement."""
+  best = {r["program"]: r for r in results if r.get("fits") and r.get("est_seconds")}
+  out: dict[str, Any] = {"n_chips": n_chips, "pairs": pairs, "ddim_steps": ddim_steps,
+                         "train_steps": train_steps, "notes": []}
+  if "ddim_step" in best:
+    r = best["ddim_step"]
+    calls = math.ceil(pairs / (n_chips * r["per_chip_batch"]))
+    out["pairs_seconds"] = calls * ddim_steps * r["est_seconds"]
+  else:
+    out["notes"].append("no ddim_step estimate: pairs time unknown")
+  if "train" in best:
+    t = best["train"]["est_seconds"]
+    t_r1 = best.get("train_r1", best["train"])["est_seconds"]
+    if "train_r1" not in best:
+      out["notes"].append("no train_r1 estimate: R1's extra cost (every "
+                          f"{r1_interval} steps) not included")
+    out["train_seconds"] = train_steps * ((1 - 1 / r1_interval) * t + t_r1 / r1_interval)
+    out["global_batch"] = best["train"]["per_chip_batch"] * n_chips
+  else:
+    out["notes"].append("no train estimate: training time unknown")
+  if "pairs_seconds" in out and "train_seconds" in out:
+    out["total_seconds"] = out["pairs_seconds"] + out["train_seconds"]
+  return out
