@@ -247,6 +247,11 @@ def test_recipe_projection_from_estimates(tmp_path, capsys):
   assert p["train_seconds"] == pytest.approx(20000 * (15 / 16 * 1.0 + 2.6 / 16))
   assert p["global_batch"] == 1024 and p["notes"] == []
   assert p["total_seconds"] == pytest.approx(p["pairs_seconds"] + p["train_seconds"])
+  halves = [results[0], {"program": "d_step", "per_chip_batch": 16, "fits": True,
+                         "est_seconds": 0.4},
+            {"program": "g_step", "per_chip_batch": 16, "fits": True, "est_seconds": 0.6},
+            {"program": "d_step_r1", "per_chip_batch": 16, "fits": True, "est_seconds": 2.0}]
+  assert report.project_recipe(halves, 64)["train_seconds"] == pytest.approx(p["train_seconds"])
   p = report.project_recipe(results[1:2], 64)
   assert "pairs_seconds" not in p and "total_seconds" not in p and len(p["notes"]) == 2
   # from the command line, over --json records of the same model and chip count

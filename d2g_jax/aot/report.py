@@ -262,10 +262,16 @@ def project_recipe(results: list[dict], n_chips: int, *, pairs: int = 3_000_000,
   """Wall time of the paper's recipe on `n_chips` from compiled reports' estimates:
   pairs = ceil(pairs / (n_chips x b)) calls of `ddim_steps` x the `ddim_step` estimate (b
   pairs per chip), training = train_steps x ((1 - 1/r1_interval) x `train` + 1/r1_interval x
-  `train_r1`) (`train` for both when `train_r1` was not compiled: then R1's cost is missing).
+  `train_r1`) (`train` for both when `train_r1` was not compiled: then R1's cost is missing;
+  `d_step` + `g_step` and `d_step_r1` + `g_step` when the halves were compiled apart).
   `results`: report dicts; the last fitting one of each program is used. The compiler's
   model, like its inputs: no measurement."""
   best = {r["program"]: r for r in results if r.get("fits") and r.get("est_seconds")}
+  # The train step is D's update, then G's: its halves, compiled apart, add up to it.
+  for whole, (d, g) in (("train", ("d_step", "g_step")), ("train_r1", ("d_step_r1", "g_step"))):
+    if whole not in best and d in best and g in best:
+      best[whole] = {"program": whole, "per_chip_batch": best[g]["per_chip_batch"],
+                     "est_seconds": best[d]["est_seconds"] + best[g]["est_seconds"]}
   out: dict[str, Any] = {"n_chips": n_chips, "pairs": pairs, "ddim_steps": ddim_steps,
                          "train_steps": train_steps, "notes": []}
   if "ddim_step" in best:
