@@ -58,6 +58,7 @@ def parse_args(argv=None):
   p.add_argument("--search", action="store_true", help="largest per-chip train batch that fits")
   p.add_argument("--search_limit", type=int, default=256)
   p.add_argument("--json", default="", help="append one JSON line per run to this file")
+  p.add_argument("--hlo_dir", default="", help="write each compiled program's optimised HLO here")
   p.add_argument("--project", default="", metavar="RUNS.jsonl",
                  help="compile nothing: the paper's recipe's wall time from the records of "
                       "earlier runs (--json) of this model on this topology")
@@ -167,7 +168,7 @@ def main(argv=None):
   def train_at(b, which):
     prog = {p.name: p for p in progs_lib.train_programs(
         config, model, mesh, b, platform=plat, variants=which)}
-    return [report.compile_report(prog[w], chip, n) for w in which]
+    return [report.compile_report(prog[w], chip, n, args.hlo_dir) for w in which]
 
   train_names = [w for w in names if w in TRAIN]
   if train_names:
@@ -191,7 +192,7 @@ def main(argv=None):
     sb = args.sampler_batch or args.per_chip_batch
     for prog in progs_lib.sampler_programs(config, model, sampler_mesh, sb, platform=plat):
       if prog.name in sampler_names:
-        r = report.compile_report(prog, chip, n)
+        r = report.compile_report(prog, chip, n, args.hlo_dir)
         results.append(r)
         print(line(r, chip), flush=True)
   if args.json:

@@ -113,7 +113,7 @@ def test_mesh_falls_back_to_split_physical_axes(monkeypatch):
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2
 
 
-def test_train_step_and_sampler_programs_for_cpu_devices():
+def test_train_step_and_sampler_programs_for_cpu_devices(tmp_path):
   """The CPU counterpart of the TPU compiles: the tiny SD 1.5 train step (FSDP over 4,
   data 2) built from abstract inputs and lowered with its shardings and donation, and
   one DDIM+CFG step compiled, with the report's fields."""
@@ -153,9 +153,10 @@ def test_train_step_and_sampler_programs_for_cpu_devices():
   assert "all-gather" not in r["collectives"]  # the batch stays where it is
   assert r["kernels"] == {} and "mfu" not in r  # no chip model on CPU
   # The 2-step scan: XLA's cost analysis counts the loop body once; the report scales it.
-  r2 = report.compile_report(scan, None, 8)
+  r2 = report.compile_report(scan, None, 8, hlo_dir=str(tmp_path))
   assert r2["loop_scale"] == pytest.approx(2.0) and r["loop_scale"] == 1.0
   assert r2["hlo_flops"] == pytest.approx(2 * r["hlo_flops"], rel=0.05)
+  assert "ENTRY" in open(tmp_path / "ddim_scan_b2.hlo.txt").read()
 
 
 def _cli():

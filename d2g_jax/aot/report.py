@@ -33,6 +33,7 @@ to 128: SD 1.5's K = 40 fills 31%), the forward's declared share replaced. `est_
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections import Counter
@@ -162,8 +163,10 @@ def is_out_of_memory(error: Exception) -> bool:
       "exceeds" in msg and "hbm" in msg)
 
 
-def compile_report(program, chip: Chip | None, n_chips: int) -> dict[str, Any]:
-  """Compile `program` for its mesh and read memory, cost, kernels and collectives."""
+def compile_report(program, chip: Chip | None, n_chips: int, hlo_dir: str = ""
+                   ) -> dict[str, Any]:
+  """Compile `program` for its mesh and read memory, cost, kernels and collectives; with
+  `hlo_dir`, write the optimised HLO there (<name>_b<per-chip batch>.hlo.txt) to study."""
   t0 = time.perf_counter()
   traced = program.fn.trace(*program.args)
   lowered = traced.lower()
@@ -198,7 +201,13 @@ def compile_report(program, chip: Chip | None, n_chips: int) -> dict[str, Any]:
   r["kernels"] = dict(Counter(k["kernel"] + ("" if k["costed"] else " (no cost)")
                               for k in kernels))
   r["kernel_seconds"] = kernel_seconds(kernels, chip)
-  r["collectives"] = collectives(compiled.as_text())
+  text = compiled.as_text()
+  r["collectives"] = collectives(text)
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    r["hlo_file"] = os.path.join(hlo_dir, f"{program.name}_b{program.rows_per_chip}.hlo.txt")
+    with open(r["hlo_file"], "w") as fh:
+      fh.write(text)
   r["fits"] = chip is None or chip.compiler_checks_memory or r["peak_bytes"] <= chip.hbm_bytes
   if chip is not None:
     r["hbm_fraction"] = r["peak_bytes"] / chip.hbm_bytes
