@@ -116,10 +116,15 @@ def test_chunked_attention_stays_exact_with_huge_logits():
   np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
 
 
+@pytest.mark.parametrize("branch", ["cpu", "accelerator"])
 @pytest.mark.parametrize("shape", [(2, 7, 5, 64), (1, 33, 3, 96), (1, 64, 64, 32)])
-def test_group_norm_matches_torch_in_float64(shape):
-  """Odd spatial sizes exercise pairwise_sum's carried rows; checked against float64."""
+def test_group_norm_matches_torch_in_float64(shape, branch, monkeypatch):
+  """Odd spatial sizes exercise pairwise_sum's carried rows; checked against float64. The
+  accelerator branch (XLA's reduction, chosen when lowering for TPU or GPU) run on CPU."""
+  from d2g_jax.models import layers
   from d2g_jax.models.layers import GroupNorm
+  if branch == "accelerator":
+    monkeypatch.setattr(layers, "middle_sum", layers.reduce_sum)
   x = randn(0, *shape) * 3 + 2
   scale, bias = randn(1, shape[-1]), randn(2, shape[-1])
   ours = GroupNorm(32, 1e-6).apply({"params": {"scale": scale, "bias": bias}}, x)
@@ -129,6 +134,22 @@ def test_group_norm_matches_torch_in_float64(shape):
   np.testing.assert_allclose(np.asarray(ours, np.float64), expected, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     GroupNorm(32).init(jax.random.PRNGKey(0), np.zeros((1, 2, 2, 48), np.float32))
+
+
+def test_group_norm_sum_is_chosen_by_the_lowering_platform():
+  """The CPU lowering has pairwise_sum's halving slices; a TPU lowering (an ahead-of-time
+  compile from this host, when libtpu is installed) has XLA's reduction alone."""
+  import importlib.util
+  from d2g_jax.models.layers import middle_sum
+  x = jnp.ones((2, 4096, 64))
+  assert "stablehlo.slice" in jax.jit(middle_sum).trace(x).lower().as_text()
+  if importlib.util.find_spec("libtpu") is None:
+    return  # the TPU half needs the `tpu` extra
+  from d2g_jax.aot import target
+  dev = target.devices("v5p:2x2x1")[0]
+  s = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(dev))
+  text = jax.jit(middle_sum).trace(s).lower().as_text()
+  assert "stablehlo.slice" not in text and "stablehlo.reduce" in text
 
 
 def test_scalar_timestep_and_remat_gradients(tmp_path):

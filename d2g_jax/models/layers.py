@@ -55,13 +55,28 @@ def pairwise_sum(x_BxNxC: jax.Array, stop: int = 64) -> jax.Array:
   return x_BxNxC.sum(axis=1)
 
 
+def middle_sum(x_BxNxC: jax.Array) -> jax.Array:
+  """Sum over the middle axis, (B, N, C) -> (B, C), chosen by the platform the program is
+  lowered for (`lax.platform_dependent`, so an ahead-of-time TPU compile on a CPU host
+  gets the TPU branch): `pairwise_sum` on CPU, XLA's own reduction elsewhere. On TPU the
+  halving chain is a memory pass per level: XLA's TPU compiler estimates a GroupNorm +
+  SiLU + 3x3 conv block (16x64x64x320, forward and backward) at 1.74 ms with it and
+  1.19 ms with the reduction (1.08 instead of 2.37 GB of HBM traffic)."""
+  return jax.lax.platform_dependent(x_BxNxC, cpu=pairwise_sum, default=reduce_sum)
+
+
+def reduce_sum(x_BxNxC: jax.Array) -> jax.Array:
+  """`middle_sum` on accelerators: one XLA reduction (fp32 accumulation)."""
+  return jnp.sum(x_BxNxC, axis=1)
+
+
 class GroupNorm(nn.Module):
   """torch.nn.GroupNorm over channels-last input, statistics and output in fp32.
 
   Parameters `scale` and `bias` as in `flax.linen.GroupNorm`. The mean and the variance
-  (two passes: mean, then mean squared deviation) come from `pairwise_sum`; on CPU this
-  is about twice as fast as `flax.linen.GroupNorm` and more accurate than its
-  E[x^2] - E[x]^2 variance.
+  (two passes: mean, then mean squared deviation) come from `middle_sum`: on CPU
+  `pairwise_sum`, about twice as fast as `flax.linen.GroupNorm` and more accurate than
+  its E[x^2] - E[x]^2 variance; on accelerators XLA's reduction.
   """
   num_groups: int
   epsilon: float = 1e-6
@@ -79,7 +94,7 @@ class GroupNorm(nn.Module):
     count = x_BxNxC.shape[1] * per_group
 
     def group_mean(y_BxNxC):  # -> (B, 1, C): each channel gets its group's mean
-      g_BxG = pairwise_sum(y_BxNxC).reshape(b, self.num_groups, per_group).sum(-1) / count
+      g_BxG = middle_sum(y_BxNxC).reshape(b, self.num_groups, per_group).sum(-1) / count
       return jnp.repeat(g_BxG, per_group, axis=1)[:, None, :]
 
     d_BxNxC = x_BxNxC - group_mean(x_BxNxC)
