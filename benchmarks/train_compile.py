@@ -13,8 +13,11 @@ utilisation against the chip's bf16 peak (d2g_jax/aot/report.py says how each is
 computed). Estimated times are the compiler's cost model, not measurements.
 
 Programs: `train` / `train_r1` (the whole Diffusion2GAN step, D then G, R1 off / on, as
-the trainer jits it), `ddim_step` / `ddim_scan` (the pairs stage's teacher: one DDIM step
-with CFG, and the whole `pairs.num_steps` scan). `--search` finds the largest per-chip
+the trainer jits it), its halves `d_step` / `d_step_r1` / `g_step` (compiled apart they need
+about half the host memory; the step's time is their sum), `ddim_step` / `ddim_scan` (the
+pairs stage's teacher: one DDIM step with CFG, and the whole `pairs.num_steps` scan).
+`--hlo_dir` keeps each compiled program's optimised HLO; `--project runs.jsonl` compiles
+nothing and prints the paper's recipe's wall time from earlier `--json` records. `--search` finds the largest per-chip
 batch of the train programs that fits. `--topology cpu:8` compiles for this host's CPU
 devices instead (no libtpu; no HBM or time model). Compiles of the full SD 1.5 step take
 minutes; the output is flushed as each program finishes.
