@@ -74,10 +74,16 @@ def _hours(seconds):
 
 def project(path: str, model: str, n_chips: int) -> dict:
   """`report.project_recipe` over every record of `model` on `n_chips` chips in `path`."""
+  if not os.path.isfile(path):
+    raise SystemExit(f"--project {path}: no such file; write one with --json runs.jsonl first")
   results = []
   with open(path) as fh:
-    for line_ in fh:
-      rec = json.loads(line_) if line_.strip() else None
+    for i, line_ in enumerate(fh, 1):
+      try:
+        rec = json.loads(line_) if line_.strip() else None
+      except json.JSONDecodeError as e:
+        raise SystemExit(f"--project {path}: line {i} is not a JSON record of --json ({e}); "
+                         "remove it (a run killed while writing?)") from None
       if rec and rec["model"] == model and rec["devices"] == n_chips:
         results += rec["results"]
   if not results:

@@ -263,3 +263,8 @@ def test_recipe_projection_from_estimates(tmp_path, capsys):
   assert "total" in capsys.readouterr().out
   with pytest.raises(SystemExit, match="no record of tiny_sd15 on 4 chips"):
     cli.main(["--model", "tiny_sd15", "--topology", "cpu:4", "--project", str(runs)])
+  with pytest.raises(SystemExit, match="no such file"):
+    cli.main(["--model", "tiny_sd15", "--topology", "cpu:8", "--project", str(tmp_path / "x")])
+  runs.write_text(runs.read_text() + '{"model": "tiny_sd15", "dev\n')
+  with pytest.raises(SystemExit, match="line 2 is not a JSON record"):
+    cli.main(["--model", "tiny_sd15", "--topology", "cpu:8", "--project", str(runs)])

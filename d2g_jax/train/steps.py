@@ -20,6 +20,8 @@ Discriminator update: D sees (x, z, c) as real and (G(z, c), z, c) as fake, with
 latents (z and c kept, still fake); real and fake rows run in one D call of 2B rows,
 interleaved per example so that a batch sharded over devices stays in place. With
 `do_r1`, the single-sample R1 penalty (weight interval * gamma / 2) is added.
+With `microbatches` k > 1 both updates average their gradients over k sequential parts of
+the batch (`mean_gradients`); R1 is its own gradient on the batch's first rows either way.
 Generator update: regression_weight * regression(G(z, c), x) + gan_weight * NS-GAN(D(G(z,
 c), z, c)) with D's just-updated params, then the EMA.
 """
