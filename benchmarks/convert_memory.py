@@ -41,6 +41,8 @@ def main():
   p.add_argument("--preset", default="sd15")
   p.add_argument("--workdir", default=None)
   p.add_argument("--max-ratio", type=float, default=None)
+  p.add_argument("--record", default="", metavar="PATH",
+                 help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   args = p.parse_args()
   work = args.workdir or tempfile.mkdtemp(prefix="convmem_")
   src, ck, dst = (os.path.join(work, n) for n in ("src", "orbax", "dst"))
@@ -54,7 +56,7 @@ def main():
   py = [sys.executable, "-c",
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
         "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"]
-  worst = 0.0
+  worst, rows = 0.0, []
   for name, cmd in (("diffusers -> orbax", ["to-orbax", "--diffusers", src, "--orbax", ck]),
                     ("orbax -> diffusers", ["to-diffusers", "--orbax", ck, "--diffusers", dst])):
     t0 = time.time()
@@ -65,8 +67,13 @@ def main():
     worst = max(worst, ratio)
     print(f"{name:20s} {time.time() - t0:7.1f} s   peak RSS {peak / 2**30:6.2f} GiB = "
           f"{ratio:.2f}x the fp32 weights")
+    rows.append({"direction": name, "seconds": time.time() - t0, "peak_rss_gib": peak / 2**30,
+                 "ratio": ratio})
   if not args.workdir:
     shutil.rmtree(work, ignore_errors=True)
+  if args.record:
+    from common import record
+    record(args.record, {"preset": args.preset, "weights_gib": nbytes / 2**30, "rows": rows})
   if args.max_ratio is not None and worst > args.max_ratio:
     sys.exit(f"peak memory {worst:.2f}x exceeds --max-ratio {args.max_ratio}")
 

@@ -25,15 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import interleaved_medians
 
 import d2g_jax  # noqa: F401  (XLA CPU flags before JAX starts)
-from common import interleaved_medians
 from d2g_jax.data.latents import encode_images, encoder_params
+from d2g_jax.latent_lpips import pretrain as train_lib
+from d2g_jax.latent_lpips.calibrate import pair_features
 from d2g_jax.models.latent_vgg import LPIPS, LPIPSConfig, VGGConfig, init_params
 from d2g_jax.models.latent_vgg_classifier import LatentVGGClassifier
 from d2g_jax.models.vae import AutoencoderKL, VAEConfig
-from d2g_jax.train import latent_vgg as train_lib
-from d2g_jax.train.latent_vgg_calibrate import pair_features
 
 
 def he_params(shapes, seed: int = 0):
@@ -133,6 +133,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--record", default="", metavar="PATH",
+                 help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   args = p.parse_args(argv)
   a, b = ours(args.batch), theirs(args.batch)
   fns = {f"ours/{k}": v for k, v in a.items()}
@@ -149,6 +151,9 @@ def main(argv=None):
     print(f"{k:14s} ours {o * 1e3:9.1f} ms/image   PyTorch {r * 1e3:9.1f} ms/image   "
           f"{r / o:5.2f}x")
   print(json.dumps({"batch": args.batch, "repeats": args.repeats, "rows": rows}))
+  if args.record:
+    from common import record
+    record(args.record, {"batch": args.batch, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import interleaved_medians
+from pairs import GUIDANCE, PROMPTS, SD15_SCHEDULER
 
 from d2g_jax.convert.pipeline import PipelineInfo
 from d2g_jax.data.teacher_pairs import teacher_fns
@@ -42,9 +44,6 @@ from d2g_jax.models.vae import AutoencoderKL, VAEConfig
 from d2g_jax.sampling import ScheduleConfig
 from d2g_jax.teacher import Teacher, TextEncoder
 from d2g_jax.tiny import make_tokenizer
-from common import interleaved_medians
-from pairs import GUIDANCE, PROMPTS, SD15_SCHEDULER
-
 
 
 def random_params(module, *args, seed: int = 0, scale: float = 0.02, dtype=np.float32):
@@ -95,6 +94,8 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--tiny", action="store_true", help="tiny models, 16x16 latents (smoke test)")
+  p.add_argument("--record", default="", metavar="PATH",
+                 help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   args = p.parse_args()
 
   dtype = jnp.dtype(args.dtype)
@@ -121,6 +122,7 @@ def main():
         f"DDIM steps timed (CFG {GUIDANCE}), student 1 UNet call; jax on "
         f"{jax.devices()[0].device_kind} {cpu}; median of {args.repeats}, timed in turns")
 
+  recorded = []
   for batch in args.batch:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     tokens = student.encode_fn(prompts)
@@ -150,6 +152,19 @@ def main():
           f"({per_image['student']:.3f} s/img), teacher {1 / per_image['teacher']:.5f} img/s "
           f"({per_image['teacher']:.2f} s/img): one step is "
           f"{per_image['teacher'] / per_image['student']:.1f}x faster", flush=True)
+    recorded.append({
+        "batch": batch, "seconds": secs, "teacher_50_step_s": teacher50,
+        "latents": {"student_img_per_s": batch / secs["student"],
+                    "teacher_img_per_s": batch / teacher50,
+                    "speedup": teacher50 / secs["student"]},
+        "images": {"student_s_per_image": per_image["student"],
+                   "teacher_s_per_image": per_image["teacher"],
+                   "speedup": per_image["teacher"] / per_image["student"]}})
+  if args.record:
+    from common import record
+    record(args.record, {"model": "tiny" if args.tiny else "sd15", "dtype": args.dtype,
+                         "teacher_steps": args.teacher_steps, "guidance_scale": GUIDANCE,
+                         "repeats": args.repeats, "rows": recorded})
 
 
 if __name__ == "__main__":

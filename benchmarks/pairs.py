@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import interleaved_medians
 
 from d2g_jax.convert import clip as clip_convert
 from d2g_jax.convert import core
@@ -45,7 +46,6 @@ from d2g_jax.models.vae import VAEConfig
 from d2g_jax.sampling import ScheduleConfig
 from d2g_jax.teacher import Teacher, TextEncoder
 from d2g_jax.tiny import make_tokenizer
-from common import interleaved_medians
 
 SD15_SCHEDULER = {  # stable-diffusion-v1-5 scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -117,6 +117,8 @@ def main():
                       "thread can beat two: the speed-up is against the fastest")
   p.add_argument("--no-torch", action="store_true", help="time ours only")
   p.add_argument("--tiny", action="store_true", help="tiny models, 16x16 latents (smoke test)")
+  p.add_argument("--record", default="", metavar="PATH",
+                 help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   args = p.parse_args()
 
   import diffusers
@@ -201,6 +203,23 @@ def main():
     print(f"{batch:>5}  {name:30s} {secs:8.2f} {batch / per_50:18.4f} {ratio:>9}  {note}")
   print("\n(speed-up: the fastest diffusers PyTorch time / ours, for the same work; > 1: ours "
         "is faster)")
+  if args.record:
+    import re
+
+    from common import record
+    out = []
+    for batch, name, secs, note in rows:
+      row = {"batch": batch, "implementation": name, "seconds": secs,
+             "pairs_per_s_at_50": batch / (secs * 50 / args.steps)}
+      if batch in torch_secs and not name.startswith("diffusers"):
+        row["speedup"] = torch_secs[batch] / secs
+      diff = re.search(r"max diff vs diffusers (\S+) of scale", note)
+      if diff:
+        row["max_rel_diff"] = float(diff.group(1))
+      out.append(row)
+    record(args.record, {"model": "tiny" if args.tiny else "sd15", "steps": args.steps,
+                         "guidance_scale": GUIDANCE, "dtype": args.dtype,
+                         "repeats": args.repeats, "rows": out})
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def parse_args(argv=None):
   p.add_argument("--only", default="", choices=("", "e_latent_lpips", "lpips"),
                  help="measure one loss in this process (default: each in its own subprocess)")
   p.add_argument("--json", default="", help="write the results here as JSON")
+  p.add_argument("--record", default="", metavar="PATH",
+                 help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   return p.parse_args(argv)
 
 
@@ -139,6 +141,24 @@ def main(argv=None):
             f"{p['temp_bytes'] / e['temp_bytes']:.1f}x activations/temp", end="")
     print(f", {p['maxrss_bytes'] / e['maxrss_bytes']:.1f}x peak RSS", end="")
     print("  (paper, A100: 9.7x time, 25x memory; target >= 10x, >= 20x)")
+  if args.record:
+    from common import record
+    losses = {}
+    for name, r in results.items():
+      losses[name] = {"seconds": r["median_s"], "peak_rss_gb": r["maxrss_bytes"] / GB,
+                      "compile_s": r["compile_s"]}
+      if "total_bytes" in r:
+        losses[name].update(xla_memory_gb=r["total_bytes"] / GB, temp_gb=r["temp_bytes"] / GB)
+    rec = {"batch": args.batch, "latent_size": args.latent_size, "dtype": args.dtype,
+           "augment": args.augment, "repeats": args.repeats, "results": losses}
+    if len(results) == 2:
+      e, p = results["e_latent_lpips"], results["lpips"]
+      rec["ratios"] = {"time": p["median_s"] / e["median_s"],
+                       "peak_rss": p["maxrss_bytes"] / e["maxrss_bytes"]}
+      if "total_bytes" in e:
+        rec["ratios"].update(xla_memory=p["total_bytes"] / e["total_bytes"],
+                             activations=p["temp_bytes"] / e["temp_bytes"])
+    record(args.record, rec)
   return results
 
 

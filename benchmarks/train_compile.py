@@ -36,12 +36,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import d2g_jax  # noqa: E402,F401  (XLA flags before JAX starts)
 import jax  # noqa: E402
-
 from common import cpu_name  # noqa: E402
+
+import d2g_jax  # noqa: E402,F401  (XLA flags before JAX starts)
 from d2g_jax import parallel  # noqa: E402
-from d2g_jax.aot import programs as progs_lib, report, target  # noqa: E402
+from d2g_jax.aot import programs as progs_lib  # noqa: E402
+from d2g_jax.aot import report, target
 
 TRAIN, SAMPLER = progs_lib.TRAIN_PROGRAMS, ("ddim_step", "ddim_scan")
 
@@ -168,9 +169,10 @@ def main(argv=None):
   if unknown:
     raise SystemExit(f"--programs: unknown {sorted(unknown)}; choose from {TRAIN + SAMPLER}")
   n = len(devices)
+  chip_text = (f"{chip.name} HBM {chip.hbm_bytes / 1e9:.0f} GB, bf16 peak "
+               f"{chip.bf16_flops / 1e12:.0f} TFLOP/s ({chip.source})" if chip else "no chip model")
   print(f"{model.preset} ({model.latent}x{model.latent} latents) on {args.topology}: {n} "
-        f"{devices[0].device_kind} devices, train mesh {dict(mesh.shape)}; "
-        f"{chip.name + ' HBM ' + format(chip.hbm_bytes / 1e9, '.0f') + ' GB, bf16 peak ' + format(chip.bf16_flops / 1e12, '.0f') + ' TFLOP/s (' + chip.source + ')' if chip else 'no chip model'}"
+        f"{devices[0].device_kind} devices, train mesh {dict(mesh.shape)}; {chip_text}"
         f"; compiled on {cpu_name()}", flush=True)
   results = []
 

@@ -15,7 +15,8 @@ Memory: the state (G, its EMA, D, and with Adam two moments each) is ~24 GB in f
 SD 1.5; on a machine with less memory use `--optimizer sgd` (no optimiser state: the same
 step, a cheaper update). Both steps in one process were killed for memory on a 24 GB host
 even at 32x32 latents with sgd (24.3 GB resident; XLA temporaries 7.7 + 8.4 GB); there, time
-one loss per process (`--losses e_latent_lpips`, then `--losses lpips`) and say so. The paper's 9.7x (A100) is for the loss alone; this is the step.
+one loss per process (`--losses e_latent_lpips`, then `--losses lpips`) and say so. The paper's
+9.7x (A100) is for the loss alone; this is the step.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import d2g_jax  # noqa: E402,F401  (XLA flags before JAX starts)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-
 from common import cpu_name, interleaved_medians  # noqa: E402
+
+import d2g_jax  # noqa: E402,F401  (XLA flags before JAX starts)
 from d2g_jax import config_defaults  # noqa: E402
 from d2g_jax.models.unet import UNet  # noqa: E402
 from d2g_jax.models.unet_config import UNetConfig  # noqa: E402
@@ -61,6 +62,8 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--peak_tflops", type=float, default=0.0)
   p.add_argument("--json", default="")
+  p.add_argument("--record", default="", metavar="PATH",
+                 help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   return p.parse_args(argv)
 
 
@@ -157,6 +160,14 @@ def main(argv=None):
     with open(args.json, "w") as fh:
       json.dump({"args": vars(args), "device": jax.devices()[0].device_kind, "cpu": cpu,
                  "seconds": times, "info": info}, fh, indent=2)
+  if args.record:
+    from common import record
+    record(args.record, {
+        "preset": args.preset, "batch": b, "latent_size": s, "dtype": args.dtype,
+        "optimizer": args.optimizer, "repeats": args.repeats,
+        "steps": {name: {"seconds": t, "tflop": info[name]["flops"] / 1e12,
+                         "temp_gb": info[name]["temp_gb"],
+                         "compile_s": info[name]["compile_s"]} for name, t in times.items()}})
 
 
 if __name__ == "__main__":

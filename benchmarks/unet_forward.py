@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import interleaved_medians
 
 from d2g_jax.convert import core
 from d2g_jax.convert.unet import unet_table
 from d2g_jax.models.unet import UNet
 from d2g_jax.models.unet_config import UNetConfig
-from common import interleaved_medians
 
 
 def main():
@@ -39,6 +39,8 @@ def main():
   p.add_argument("--attention", nargs="+", default=["xla", "chunked"])
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+  p.add_argument("--record", default="", metavar="PATH",
+                 help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   args = p.parse_args()
 
   from diffusers import UNet2DConditionModel
@@ -113,6 +115,20 @@ def main():
     ratio = eager[batch] / secs
     print(f"{batch:>5}  {name:30s} {secs:9.3f}  {ratio:15.2f}x  {extra}")
   print("\n(ratio > 1: faster than PyTorch eager)")
+  if args.record:
+    import re
+
+    from common import record
+    out = []
+    for batch, name, secs, extra in rows:
+      row = {"batch": batch, "implementation": name, "seconds": secs,
+             "vs_pytorch_eager": eager[batch] / secs}
+      diff = re.search(r"max rel diff (\S+),", extra)
+      if diff:
+        row["max_rel_diff"] = float(diff.group(1))
+      out.append(row)
+    record(args.record, {"preset": args.preset, "latent_size": args.size, "dtype": args.dtype,
+                         "repeats": args.repeats, "rows": out})
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """Every option and its default, in one place; configs/*.py start from `base()`.
 
-A string value may contain `{workdir}`: `run.resolve()` replaces it with the workdir (so a
-config file can name places inside a workdir given on the command line). Paths left empty
-are derived from `workdir` by `run.resolve()`:
-teacher.path '' -> <workdir>/teacher, pairs.out_dir '' -> <workdir>/pairs,
-train.pairs '' -> pairs.out_dir, export.out_dir '' -> <workdir>/export,
-export.orbax_dir '' -> <workdir>/export_orbax, eval.out_dir '' -> <workdir>/eval,
-latent_vgg.out_dir '' -> <workdir>/latent_vgg, latent_vgg.vae '' -> <teacher.path>/vae,
-real.out_dir '' -> <workdir>/real_latents, digits.dir '' -> <workdir>/digits.
+A string value may name another option in braces: `{workdir}` or a dotted key such as
+`{pairs.out_dir}`. `substitute()` (called by `run.resolve()`) replaces them, so every path
+that lives in the workdir by default is written here as "{workdir}/...", and a config file or
+a command line can name places inside a workdir given elsewhere.
 
-Where a default is not the paper's (it publishes neither), README.md's "The objective"
-section says where it comes from.
-"""
+Where a default is not the paper's (it publishes neither), docs/training.md says where it
+comes from."""
+
+import re
 
 import ml_collections
+
+from d2g_jax.demo import config as demo_config
 
 
 def base() -> ml_collections.ConfigDict:
@@ -26,48 +25,13 @@ def base() -> ml_collections.ConfigDict:
                                    # (or a resumed run) then skips compiling its steps
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.path = ""              # a diffusers pipeline folder (model_index.json, unet/, vae/, ...)
+  c.teacher.path = "{workdir}/teacher"  # a diffusers pipeline folder (model_index.json, unet/, ...)
   c.teacher.dtype = "float32"      # compute dtype: float32, or bfloat16 on accelerators
   c.teacher.attention = "auto"     # auto (flash on TPU, cudnn on GPU bf16, chunked on CPU)
                                    # | xla | cudnn | chunked | flash
   c.teacher.tiny_family = "sd1"    # tiny_teacher stage only: sd1 | sd2 | sdxl
 
-  # The digits demo's teacher: stages digits_vae, digits_teacher (README "The digits teacher").
-  c.digits = ml_collections.ConfigDict()
-  c.digits.dir = ""                # VAE folder, training states ('' = <workdir>/digits)
-  c.digits.image_size = 32         # pixels (bilinear from 8x8; a multiple of 8)
-  c.digits.held_out = 300          # held-out images (30 per digit), never trained on
-  c.digits.split_seed = 0
-  c.digits.prompt = "a handwritten digit {}"  # {} = the digit; the tokenizer knows these words
-  c.digits.warmup_steps = 100      # both trainings: linear warm-up, then cosine decay to 0
-  c.digits.checkpoint_every = 250  # steps between resumable training states
-  c.digits.vae = ml_collections.ConfigDict()
-  c.digits.vae.block_out_channels = (8, 16, 32)  # n levels: latents at 1 / 2^(n-1) of the size
-  c.digits.vae.layers_per_block = 1
-  c.digits.vae.norm_num_groups = 4
-  c.digits.vae.latent_channels = 4
-  c.digits.vae.steps = 1000
-  c.digits.vae.batch_size = 32
-  c.digits.vae.lr = 1e-3
-  c.digits.vae.kl_weight = 1e-3    # on the mean KL per latent element (loss: mean L1 + L2)
-  c.digits.text = ml_collections.ConfigDict()  # random, frozen CLIP text encoder
-  c.digits.text.hidden_size = 32
-  c.digits.text.num_layers = 2
-  c.digits.text.num_heads = 2
-  c.digits.text.max_length = 8     # tokens with BOS / EOS; the prompts need 6
-  c.digits.unet = ml_collections.ConfigDict()
-  c.digits.unet.block_out_channels = (32, 64)  # CrossAttn down/up blocks at each level
-  c.digits.unet.layers_per_block = 1
-  c.digits.unet.attention_heads = 2
-  c.digits.unet.norm_num_groups = 8
-  c.digits.unet.steps = 1500
-  c.digits.unet.batch_size = 64
-  c.digits.unet.lr = 1e-3
-  c.digits.unet.ema_decay = 0.999  # the pipeline gets the EMA weights
-  c.digits.unet.drop_prompt = 0.1  # fraction of steps conditioned on "" (for CFG)
-  c.digits.check_per_digit = 10    # teacher check after training: samples per digit (0 = off)
-  c.digits.check_guidance = 4.0    # ... 50-step DDIM (eta 0) with this CFG scale
-  c.digits.check_steps = 50
+  demo_config.add_blocks(c)       # the digits demo's blocks: digits, demo (d2g_jax/demo/config.py)
 
   c.pairs = ml_collections.ConfigDict()
   c.pairs.prompts = ""             # prompts.txt | prompts.jsonl | tfds:<name>[/<config>]/<split>
@@ -76,7 +40,7 @@ def base() -> ml_collections.ConfigDict:
   c.pairs.caption_key = ""         # tfds feature path, e.g. captions/text ('' = auto)
   c.pairs.all_captions = False     # tfds: every caption of an example, not only the first
   c.pairs.num_pairs = -1           # -1: one pair per prompt
-  c.pairs.out_dir = ""
+  c.pairs.out_dir = "{workdir}/pairs"
   c.pairs.guidance_scale = 3.0     # the paper's SD-CFG-3 (8.0 for SD-CFG-8)
   c.pairs.num_steps = 50           # DDIM steps, eta = 0: the teacher's ODE
   c.pairs.eta = 0.0
@@ -133,7 +97,8 @@ def base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.recipe = "diffusion2gan"  # diffusion2gan (teacher pairs: regression + GAN) | gdd (real
                                    # latents, GAN only: GDD / GDD-I, arXiv 2405.20750; see gdd())
-  c.train.pairs = ""               # pair dataset folder ('' = pairs.out_dir)
+  c.train.pairs = "{pairs.out_dir}"  # pair dataset folder
+  c.train.checkpoint_dir = "{workdir}/checkpoints"  # Orbax checkpoints (export and eval read them)
   c.train.num_steps = 20000
   c.train.batch_size = 64          # global; a multiple of the devices along (data, fsdp)
   c.train.microbatches = 1         # gradient accumulation: each update over k sequential parts
@@ -162,14 +127,6 @@ def base() -> ml_collections.ConfigDict:
   c.train.verify = "size"          # pair shard check when opening: none | size | sha256
   c.train.lock_stale_after_s = 300  # another host's lock without a heartbeat for this long is stale
 
-  # The digits demo's report (stage demo_report: demo.png, metrics.json).
-  c.demo = ml_collections.ConfigDict()
-  c.demo.samples_per_digit = 16    # noises per digit, the same for every sampler
-  c.demo.seed = 1234               # their seed (not the pairs': these are unseen noises)
-  c.demo.columns = 4               # samples per sampler shown in demo.png
-  c.demo.zoom = 3                  # demo.png pixel repetition
-  c.demo.lpips_draws = 8           # augmentation draws averaged for E-LatentLPIPS distances
-  c.demo.twoafc_per_family = 100   # stage digits_lpips_data: 2AFC triplets per family and split
 
   # GDD's real data: images with captions -> the teacher VAE's latents (stage real_latents).
   c.real = ml_collections.ConfigDict()
@@ -187,18 +144,18 @@ def base() -> ml_collections.ConfigDict:
   c.real.batch_size = 32           # global encoding batch (a multiple of the devices)
   c.real.shard_size = 1024         # examples per ArrayRecord shard
   c.real.workers = 8               # host threads decoding and resizing images
-  c.real.out_dir = ""              # '' = <workdir>/real_latents; the train stage reads it (gdd)
+  c.real.out_dir = "{workdir}/real_latents"  # the train stage reads it (gdd)
 
   c.export = ml_collections.ConfigDict()
-  c.export.out_dir = ""            # diffusers pipeline folder ('' = <workdir>/export)
-  c.export.orbax_dir = ""          # Orbax copy of the exported UNet params ('' = <workdir>/export_orbax)
+  c.export.out_dir = "{workdir}/export"  # diffusers pipeline folder
+  c.export.orbax_dir = "{workdir}/export_orbax"  # Orbax copy of the exported UNet params
   c.export.weights = "ema"         # ema | generator
   c.export.dtype = "float32"       # weights of the exported UNet: float32 | float16 | bfloat16
   # eval: the paper's tables (README "Evaluation"); one block per row, in eval.rows order.
   c.eval = ml_collections.ConfigDict()
-  c.eval.out_dir = ""              # '' = <workdir>/eval
+  c.eval.out_dir = "{workdir}/eval"
   c.eval.rows = "teacher,student"  # table rows, each a block below (configs may add blocks)
-  c.eval.teacher = eval_row("ddim", num_steps=50, guidance_scale=3.0)  # path '' = teacher.path
+  c.eval.teacher = eval_row("ddim", "{teacher.path}", num_steps=50, guidance_scale=3.0)
   c.eval.student = eval_row("one_step")  # path: a folder from convert.pipeline.export_pipeline
   c.eval.prompts = ""              # captions: .txt | .jsonl | tfds:coco_captions/2014/val
   c.eval.prompt_field = ""         # JSONL field
@@ -229,15 +186,15 @@ def base() -> ml_collections.ConfigDict:
   c.eval.fid.ref_center_crop = False  # centre square crop of each reference image
   c.eval.fid.ref_resolution = 0    # resize references to this square size first (0: no)
   c.eval.fid.ref_batch_size = 50
-  c.eval.fid.cache_dir = ""        # '' = <workdir>/fid_stats
+  c.eval.fid.cache_dir = "{workdir}/fid_stats"
   c.eval.clip = ml_collections.ConfigDict()
   c.eval.clip.path = ""            # a transformers CLIPModel folder ('' = CLIP score off)
   c.eval.clip.scale = 1.0          # 1: cosine, as the paper (0.347); 100: torchmetrics
   # Training E-LatentLPIPS for a VAE: stages latent_cache, latent_vgg_train, latent_vgg_calibrate.
   c.latent_vgg = lv = ml_collections.ConfigDict()
-  lv.out_dir = ""                  # caches, checkpoints, results and the weights
+  lv.out_dir = "{workdir}/latent_vgg"  # caches, checkpoints, results and the weights
   lv.encoder = "sd15"              # latent family the weights are for: sd15|sd21|sdxl|sd3|flux
-  lv.vae = ""                      # diffusers AutoencoderKL folder ('' = <teacher.path>/vae)
+  lv.vae = "{teacher.path}/vae"    # diffusers AutoencoderKL folder
   lv.vae_dtype = "float32"         # VAE compute dtype: float32 | bfloat16
   lv.widths = (64, 128, 256, 512, 512)  # trunk block widths; VGG16's is the official layout
 
@@ -326,8 +283,49 @@ def eval_row(source: str, path: str = "", num_steps: int = 1,
   r = ml_collections.ConfigDict()
   r.source = source                # ddim | one_step | checkpoint
   r.path = path                    # the pipeline folder (checkpoint: the checkpoints folder,
-                                   # '' = <workdir>/checkpoints; the teacher is teacher.path)
+                                   # '' = train.checkpoint_dir; the teacher is teacher.path)
   r.num_steps = num_steps          # ddim: DDIM steps (eta 0)
   r.guidance_scale = guidance_scale  # ddim: classifier-free guidance
   r.negative_prompt = ""           # ddim: the unconditional prompt
   return r
+
+
+_REFERENCE = re.compile(r"\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
+
+
+def substitute(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy in which every `{key}` inside a string value (`{workdir}`, `{pairs.out_dir}`, ...)
+  is replaced by that option's value, itself substituted first. Braces that name no string
+  option (a prompt template's `{}`) are left alone; a reference cycle is an error."""
+  tree = config.to_dict()
+  flat: dict[str, str] = {}
+
+  def collect(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        collect(v, f"{prefix}{k}.")
+      elif isinstance(v, str):
+        flat[prefix + k] = v
+  collect(tree, "")
+  done: dict[str, str] = {}
+
+  def text(s: str, chain: tuple[str, ...]) -> str:
+    return _REFERENCE.sub(lambda m: value(m[1], chain) if m[1] in flat else m[0], s)
+
+  def value(key: str, chain: tuple[str, ...]) -> str:
+    if key in chain:
+      raise ValueError("config values refer to each other in a cycle: " +
+                       " -> ".join(f"{{{k}}}" for k in (*chain[chain.index(key):], key)))
+    if key not in done:
+      done[key] = text(flat[key], (*chain, key))
+    return done[key]
+
+  def rebuild(node, key):
+    if isinstance(node, dict):
+      return {k: rebuild(v, f"{key}.{k}" if key else k) for k, v in node.items()}
+    if isinstance(node, str):
+      return value(key, ()) if key in flat else text(node, ())
+    if isinstance(node, (list, tuple)):
+      return type(node)(rebuild(v, None) for v in node)
+    return node
+  return ml_collections.ConfigDict(rebuild(tree, ""))

@@ -34,11 +34,34 @@ def atomic_write(path: str, write: Callable[[str], None]):
 
 
 def save_json(obj: Any, path: str):
+  """Writes JSON atomically and durably (fsync of the file and of its folder): after a crash
+  the file is the old one or the new one, whole."""
   def write(tmp):
     with open(tmp, "w") as fh:
       json.dump(obj, fh, indent=2, sort_keys=True)
       fh.write("\n")
+      fh.flush()
+      os.fsync(fh.fileno())
   atomic_write(path, write)
+  fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(folder: str):
+  """Makes a rename inside `folder` durable."""
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+  """sha256 of a file's bytes, read in chunks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as fh:
+    while block := fh.read(chunk):
+      h.update(block)
+  return h.hexdigest()
 
 
 def load_json(path: str, what: str = "config") -> dict:

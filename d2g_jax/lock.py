@@ -29,10 +29,10 @@ import threading
 import time
 import uuid
 
-from d2g_jax import log
+from d2g_jax.log import get_logger
 
 LOCK_NAME = ".lock"
-logger = log.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 class LockedError(RuntimeError):
@@ -105,7 +105,7 @@ class FolderLock:
       try:
         os.utime(self.path)
       except OSError as e:  # the folder went away: nothing left to protect
-        logger.warning("lock heartbeat on %s failed: %s", self.path, e)
+        _log.warning("lock heartbeat on %s failed: %s", self.path, e)
 
   def release(self):
     if self._info is None:
@@ -154,7 +154,7 @@ class FolderLock:
           f"{age:.0f} s ago; lock file {self.path}). Two runs writing one folder would corrupt "
           f"it: wait for that run to finish or stop it, or use another folder.{wait} If you are "
           f"sure no run is using the folder, delete {self.path}.")
-    logger.warning("taking over the stale lock %s (%s): %s", self.path, _describe(info), why)
+    _log.warning("taking over the stale lock %s (%s): %s", self.path, _describe(info), why)
     try:
       os.replace(self.path, self.path + ".stale")  # keep it for inspection
     except FileNotFoundError:

@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Mesh axes the batch is split over, in this order; `data` is always present.
 BATCH_AXES = ("data", "fsdp")

@@ -36,9 +36,10 @@ import time
 from typing import Callable
 
 import ml_collections
+
 from d2g_jax.log import get_logger
 
-_log = get_logger("d2g_jax.run")
+_log = get_logger(__name__)
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict], object]] = {}
 
@@ -55,10 +56,10 @@ def tiny_teacher(config):
   from d2g_jax import tiny
   path = config.teacher.path
   if os.path.isfile(os.path.join(path, "model_index.json")):
-    _log.info(f"{path} already exists; keeping it")
+    _log.info("%s already exists; keeping it", path)
     return path
   tiny.build(config.teacher.tiny_family, path)
-  _log.info(f"wrote a tiny random {config.teacher.tiny_family} pipeline to {path}")
+  _log.info("wrote a tiny random %s pipeline to %s", config.teacher.tiny_family, path)
   return path
 
 
@@ -102,6 +103,7 @@ def export(config):
 
 def _lock(config, folder: str):
   import jax
+
   from d2g_jax.lock import FolderLock
   os.makedirs(folder, exist_ok=True)
   return FolderLock(folder, process_index=jax.process_index(),
@@ -122,13 +124,13 @@ def latent_cache(config):
 
 @stage("latent_vgg_train")
 def latent_vgg_train(config):
-  from d2g_jax.train import latent_vgg
+  from d2g_jax.latent_lpips import pretrain as latent_vgg
   return latent_vgg.run_train(config)
 
 
 @stage("latent_vgg_calibrate")
 def latent_vgg_calibrate(config):
-  from d2g_jax.train import latent_vgg_calibrate as calibrate
+  from d2g_jax.latent_lpips import calibrate
   return calibrate.run_calibrate(config)
 
 
@@ -160,41 +162,13 @@ def parse_stages(spec: str) -> list[str]:
   return names
 
 
-def _with_workdir(tree, workdir: str):
-  """Every string value with `{workdir}` in it, that placeholder replaced."""
-  if isinstance(tree, dict):
-    return {k: _with_workdir(v, workdir) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return type(tree)(_with_workdir(v, workdir) for v in tree)
-  return tree.replace("{workdir}", workdir) if isinstance(tree, str) else tree
-
-
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy with `{workdir}` in string values replaced by the workdir, and the paths that
-  default to places under `workdir` filled in."""
-  config = ml_collections.ConfigDict(_with_workdir(config.to_dict(), os.path.abspath(
-      os.path.expanduser(config.workdir))))
+  """A locked copy with the workdir made absolute and every `{key}` reference in string
+  values substituted (`config_defaults.substitute`): the paths every stage reads."""
+  from d2g_jax import config_defaults
+  config = ml_collections.ConfigDict(config.to_dict())
   config.workdir = os.path.abspath(os.path.expanduser(config.workdir))
-  if not config.teacher.path:
-    config.teacher.path = os.path.join(config.workdir, "teacher")
-  if not config.pairs.out_dir:
-    config.pairs.out_dir = os.path.join(config.workdir, "pairs")
-  if not config.train.pairs:
-    config.train.pairs = config.pairs.out_dir
-  if not config.export.out_dir:
-    config.export.out_dir = os.path.join(config.workdir, "export")
-  if not config.export.orbax_dir:
-    config.export.orbax_dir = os.path.join(config.workdir, "export_orbax")
-  if not config.eval.out_dir:
-    config.eval.out_dir = os.path.join(config.workdir, "eval")
-  if not config.latent_vgg.out_dir:
-    config.latent_vgg.out_dir = os.path.join(config.workdir, "latent_vgg")
-  if not config.latent_vgg.vae:
-    config.latent_vgg.vae = os.path.join(config.teacher.path, "vae")
-  if not config.real.out_dir:
-    config.real.out_dir = os.path.join(config.workdir, "real_latents")
-  if not config.digits.dir:
-    config.digits.dir = os.path.join(config.workdir, "digits")
+  config = config_defaults.substitute(config)
   config.lock()  # still locked: a typo'd key fails instead of being added
   return config
 
@@ -207,8 +181,9 @@ def run(config: ml_collections.ConfigDict):
     jax.distributed.initialize()  # reads the cluster (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS)
     from d2g_jax import log
     log.setup(process_index=jax.process_index())  # process 0 logs INFO, the others warnings
-    _log.info(f"process {jax.process_index()} of {jax.process_count()}, "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices")
+    _log.info("process %s of %s, %s local / %s global devices",
+              jax.process_index(), jax.process_count(), jax.local_device_count(),
+              jax.device_count())
   os.makedirs(config.workdir, exist_ok=True)
   if config.compilation_cache_dir:
     import jax
@@ -217,7 +192,7 @@ def run(config: ml_collections.ConfigDict):
   results = {}
   with _lock(config, config.workdir):
     for name in names:
-      _log.info(f"=== stage {name} ===")
+      _log.info("=== stage %s ===", name)
       start = time.time()
       results[name] = STAGES[name](config)
       _record_seconds(config.workdir, name, time.time() - start)
@@ -227,6 +202,7 @@ def run(config: ml_collections.ConfigDict):
 def _record_seconds(workdir: str, stage_name: str, seconds: float):
   """<workdir>/stage_seconds.json: the wall time of each stage's latest run (process 0)."""
   import jax
+
   from d2g_jax.files import load_json, save_json
   if jax.process_index() != 0:
     return

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +28,22 @@ import numpy as np
 from flax import linen as nn
 
 from d2g_jax.convert.clip import load_clip_text
-from d2g_jax.files import load_json
 from d2g_jax.convert.pipeline import PipelineInfo, inspect_pipeline
 from d2g_jax.convert.unet import load_unet
 from d2g_jax.convert.vae import load_vae
+from d2g_jax.files import load_json
 from d2g_jax.models.clip_text import CLIPTextModel
 from d2g_jax.sampling.schedule import ScheduleConfig
 
 COMPONENTS = ("unet", "vae", "text")
+
+
+def token_keys(i: int) -> tuple[str, str]:
+  """The record keys of text encoder i's tokens: ("input_ids", "attention_mask") for the
+  first, ("input_ids_2", "attention_mask_2") for SDXL's second. Pair shards, evaluation
+  samplers and the trainer all key tokens this way."""
+  suffix = "" if i == 0 else f"_{i + 1}"
+  return f"input_ids{suffix}", f"attention_mask{suffix}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +74,37 @@ class Teacher:
     self.vae, self.vae_params = vae, vae_params
     self.text_encoders = tuple(text_encoders)
 
+  def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Host tokenisation with every tokenizer of the folder: int32 BxS arrays keyed by
+    `token_keys` (what pair records store and `encode_tokens_fn` reads)."""
+    self._need_text()
+    out = {}
+    for i, enc in enumerate(self.text_encoders):
+      k_ids, k_mask = token_keys(i)
+      out[k_ids], out[k_mask] = enc.tokenize(list(prompts))
+    return out
+
+  def encode_tokens_fn(self) -> tuple[Callable, Any]:
+    """(encode(text_params, tokens) -> (BxSxE embeddings, BxP pooled or None), text_params):
+    the frozen text encoders on tokens keyed by `token_keys`, as `encode_prompt` encodes the
+    prompts. Pure and traceable: the trainer and the samplers call it inside jit."""
+    self._need_text()
+    sdxl = self.family == "sdxl"
+    modules = self._modules
+    use_masks = tuple(enc.use_attention_mask and not sdxl for enc in self.text_encoders)
+
+    def encode(text_params, tokens):
+      keys = [token_keys(i) for i in range(len(modules))]
+      ids = [jnp.asarray(tokens[k]) for k, _ in keys]
+      masks = [jnp.asarray(tokens[m]) if use else None for (_, m), use in zip(keys, use_masks)]
+      return encode_tokens(modules, text_params, ids, masks, sdxl=sdxl)
+    return encode, tuple(enc.params for enc in self.text_encoders)
+
+  def _need_text(self):
+    if not self.text_encoders:
+      raise ValueError("this Teacher was loaded without its text encoders; load it with "
+                       "components including 'text'")
+
   @property
   def default_size(self) -> tuple[int, int]:
     """(height, width) in pixels the pipeline samples by default (unet sample_size x 8)."""
@@ -93,9 +132,7 @@ class Teacher:
     The size arguments are SDXL's `time_ids` (height/width default to `default_size`);
     `clip_skip` as in diffusers (layers skipped from the end).
     """
-    if not self.text_encoders:
-      raise ValueError("this Teacher was loaded without its text encoders; load it with "
-                       "components including 'text'")
+    self._need_text()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     b = len(prompts)
     if negative_prompts is None:

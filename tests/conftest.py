@@ -6,9 +6,9 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import d2g_jax  # noqa: E402,F401  (sets its XLA flags before JAX starts, as in real use)
-
 import jax  # noqa: E402
+
+import d2g_jax  # noqa: E402,F401  (sets its XLA flags before JAX starts, as in real use)
 
 # Tiny models: compile time dominates, so skip most XLA optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)

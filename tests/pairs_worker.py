@@ -55,6 +55,7 @@ def prompts(num: int) -> list[str]:
 def run(out_dir: str, num: int = 64, shard_size: int = 16, batch_size: int = 8,
         guidance: float = 3.0, seed: int = 7, sleep: float = 0.0, progress: bool = False):
   import functools
+
   from d2g_jax.data import pairs
   return pairs.generate_pairs(
       out_dir, prompts(num), functools.partial(fake_generate, guidance=guidance),

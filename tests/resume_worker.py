@@ -38,7 +38,7 @@ def run(workdir: str, steps: int, every: int, sleep: float):
   import numpy as np
   import optax
 
-  from d2g_jax.train import checkpoint
+  from d2g_jax.infra import checkpoint
 
   tx = optax.adam(0.05)
 

@@ -24,11 +24,12 @@ with warnings.catch_warnings():
   from elatentlpips.ada_aug import AdaAugment  # noqa: E402
   from elatentlpips.elatentlpips import ada_augpipe  # noqa: E402
 
+from test_latent_lpips import _official_files  # noqa: E402
+from torch_utils import assert_close_to_scale, nchw, nhwc  # noqa: E402
+
 from d2g_jax.convert.lpips import load_latent_lpips  # noqa: E402
 from d2g_jax.losses import augment as A  # noqa: E402
 from d2g_jax.losses import resample as R  # noqa: E402
-from test_latent_lpips import _official_files  # noqa: E402
-from torch_utils import assert_close_to_scale, nchw, nhwc  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
 

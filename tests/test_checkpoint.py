@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from d2g_jax import parallel
-from d2g_jax.train import checkpoint
+from d2g_jax.infra import checkpoint
 
 sys.path.insert(0, os.path.dirname(__file__))
 import resume_worker  # noqa: E402

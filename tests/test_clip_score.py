@@ -1,19 +1,18 @@
 """CLIP vision tower, CLIPModel loader and CLIP score vs transformers (tiny random CLIPModel)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import jax
-import jax.numpy as jnp
+from torch_utils import assert_close_to_scale, nchw
 
 from d2g_jax import tiny
 from d2g_jax.convert import core
 from d2g_jax.convert.clip_model import load_clip_model, params_from_state_dict
 from d2g_jax.evaluate import clip_score as cs
 from d2g_jax.models.clip_vision import CLIPConfig, CLIPModel
-from torch_utils import assert_close_to_scale, nchw
 
 SIZE = 32
 

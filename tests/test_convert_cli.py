@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from diffusers import UNet2DConditionModel
 from safetensors.numpy import load_file
+from test_unet import make_diffusers_unet
 
 from d2g_jax.convert import orbax_io
-from test_unet import make_diffusers_unet
 
 
 def run_cli(*args):

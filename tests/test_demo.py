@@ -11,10 +11,10 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-
-from d2g_jax import run
 from test_digits_teacher import tiny_config as tiny_teacher
 from tiny_train_config import override
+
+from d2g_jax import run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEYS = ["accuracy.teacher_50", "accuracy.teacher_1", "accuracy.student_1",

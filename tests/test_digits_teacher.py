@@ -9,10 +9,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from torch_utils import assert_close_to_scale, nchw, nhwc
 
 from d2g_jax import config_defaults, run
 from d2g_jax.demo import check, classifier, digits, fit, folders, text
-from torch_utils import assert_close_to_scale, nchw, nhwc
 
 GUIDANCE, STEPS = 3.0, 3
 

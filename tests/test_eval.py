@@ -6,21 +6,21 @@ import json
 import os
 
 import diffusers
+import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import jax
+from test_inception import random_fid_state_dict
+from torch_utils import assert_close_to_scale, nchw, nhwc
 
 from d2g_jax import config_defaults, run, tiny
 from d2g_jax.convert import load_unet
 from d2g_jax.convert.pipeline import export_pipeline
 from d2g_jax.data import pairs, shards
 from d2g_jax.data.source import PairSource
-from d2g_jax.evaluate import clip_score, fid as fid_lib, fidelity
-from test_inception import random_fid_state_dict
-from torch_utils import assert_close_to_scale, nchw, nhwc
+from d2g_jax.evaluate import clip_score, fidelity
+from d2g_jax.evaluate import fid as fid_lib
 
 PROMPTS = ["a photo of the cat", "the cat", "a cat of the cat", "cats", "the photo", "of of"]
 SEED, STEPS, GUIDANCE, N, K, S = 3, 3, 3.0, 6, 2, 3  # 6 + 2 x 3 = 12 samples: shards of 8 and 4

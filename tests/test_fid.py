@@ -3,21 +3,20 @@
 import io
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import torch
 from PIL import Image
-
-import jax.numpy as jnp
+from test_inception import random_fid_state_dict
+from torch_utils import assert_close_to_scale
 
 from d2g_jax.convert import inception as convert
 from d2g_jax.evaluate import fid as fid_lib
 from d2g_jax.evaluate import images as images_lib
 from d2g_jax.evaluate.resize import fid_resize, resize_host
 from d2g_jax.models.inception import FIDInceptionV3
-from test_inception import random_fid_state_dict
-from torch_utils import assert_close_to_scale
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (37, 80), (120, 299), (640, 427)])

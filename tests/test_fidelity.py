@@ -2,11 +2,10 @@
 
 import importlib.util
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from d2g_jax import parallel
 from d2g_jax.evaluate import fidelity

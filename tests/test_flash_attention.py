@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from test_unet import inputs, make_diffusers_unet, reference
+from torch_utils import assert_close_to_scale
 
 from d2g_jax import parallel
 from d2g_jax.convert.unet import load_unet
 from d2g_jax.models import flash_attention
 from d2g_jax.models.attention import attention, resolve_implementation
-from test_unet import inputs, make_diffusers_unet, reference
-from torch_utils import assert_close_to_scale
 
 
 def interpret():

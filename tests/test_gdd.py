@@ -12,17 +12,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tiny_train_config
 from flax import traverse_util
 from PIL import Image
-
-import tiny_train_config
 from test_configs import load as load_config
+
 from d2g_jax import config_defaults, run
 from d2g_jax.data import images, source
+from d2g_jax.infra import metrics as metrics_lib
+from d2g_jax.infra import optim
 from d2g_jax.models.unet import init_shapes
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.teacher import load_teacher
-from d2g_jax.train import build, inputs, loop, optim
+from d2g_jax.train import build, inputs
 
 CAPTIONS = ["a cat", "the cat", "a photo of the cat", "the photo", "cat", "of the cat"]
 # Trainable under GDD-I: every kind of UNet parameter the preset must leave alone.
@@ -145,7 +147,7 @@ def test_gdd_i_trains_on_real_latents_with_frozen_convs(root, tmp_path, caplog):
   with caplog.at_level("INFO", logger="d2g_jax.train"):
     result = run.run(_gdd_config(root, work, stages="train"))["train"]
   assert result["step"] == 2
-  logged = loop.read_metrics(str(work))
+  logged = metrics_lib.read_metrics(str(work))
   assert {"g/gan", "d/loss_real", "d/loss_fake"} <= set(logged[-1])
   assert not {"g/regression", "g/mse", "d/logit_mixed"} & {k for m in logged for k in m}
   assert "frozen='gdd_i'" in caplog.text and "optimiser state" in caplog.text

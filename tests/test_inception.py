@@ -1,15 +1,14 @@
 """The Flax FID Inception against pytorch-fid's network with the same random weights."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
+from torch_utils import assert_close_to_scale, nchw
 
 from d2g_jax.convert import core
 from d2g_jax.convert import inception as convert
-from torch_utils import assert_close_to_scale, nchw
 
 
 def random_fid_state_dict(seed: int = 0) -> dict:

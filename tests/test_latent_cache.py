@@ -5,16 +5,16 @@ import os
 import shutil
 
 import jax
+import latent_vgg_data as D
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch_utils import assert_close_to_scale
 
-import latent_vgg_data as D
 from d2g_jax.convert.vae import load_vae
 from d2g_jax.data import bapps, images, latents, source
 from d2g_jax.data import shards as fmt
-from torch_utils import assert_close_to_scale
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ with warnings.catch_warnings():
 from d2g_jax.convert.core import ConversionError  # noqa: E402
 from d2g_jax.convert.lpips import load_latent_lpips, load_pixel_lpips  # noqa: E402
 from d2g_jax.convert.lpips import main as convert_main  # noqa: E402
-from d2g_jax.models.latent_vgg import VGG16, LPIPS, LPIPSConfig, param_shapes  # noqa: E402
-
+from d2g_jax.models.latent_vgg import LPIPS, VGG16, LPIPSConfig, param_shapes  # noqa: E402
 
 # The reference packages build torchvision models with the deprecated `pretrained=` argument.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")

@@ -9,20 +9,26 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import latent_vgg_data as D
 import numpy as np
 import pytest
 import torch
+from torch_utils import assert_close_to_scale
 
-import latent_vgg_data as D
 from d2g_jax import config_defaults, run
 from d2g_jax.convert import lpips as convert_lpips
+from d2g_jax.latent_lpips import calibrate as cal
 from d2g_jax.losses import perceptual
-from d2g_jax.models.latent_vgg import (LPIPS, WIDTHS, LPIPSConfig, VGGConfig, init_params,
-                                       merge_batch_stats)
+from d2g_jax.models.latent_vgg import (
+  LPIPS,
+  WIDTHS,
+  LPIPSConfig,
+  VGGConfig,
+  init_params,
+  merge_batch_stats,
+)
 from d2g_jax.models.latent_vgg_classifier import LatentVGGClassifier, adaptive_pool_matrix
 from d2g_jax.models.lpips_rank import RankNet
-from d2g_jax.train import latent_vgg_calibrate as cal
-from torch_utils import assert_close_to_scale
 
 with warnings.catch_warnings():
   warnings.simplefilter("ignore")  # elatentlpips imports the deprecated pkg_resources
@@ -181,12 +187,13 @@ def test_calibration_objective_and_scores():
            "distortion": np.array(["a", "b"] * (n // 2))}
   assert cal.scores(np.ones(64), feats)["mean"] < 0.65
   import optax
+
   from d2g_jax import parallel
   mesh = parallel.make_mesh()
   rank, tx = RankNet(), optax.adam(3e-2, b1=0.5)
   state = cal.init_state(rank, tx, widths, 0, mesh)
   step = jax.jit(lambda s, b: cal.calibrate_step(rank, tx, 0.0, 0, s, b))
-  for i in range(150):
+  for _i in range(150):
     rows = rng.integers(0, n, 64)
     state, out = step(state, {k: jnp.asarray(feats[k][rows]) for k in ("f0", "f1", "judge")})
   w = np.asarray(state["params"]["w"])

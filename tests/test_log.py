@@ -9,7 +9,7 @@ import pytest
 from absl import logging as absl_logging
 
 from d2g_jax import log
-from d2g_jax.train import checkpoint
+from d2g_jax.infra import checkpoint
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from d2g_jax.train import metrics
+from d2g_jax.infra import metrics
 
 
 def read_events(logdir):
@@ -49,7 +49,7 @@ def test_other_processes_write_nothing(tmp_path):
 
 def test_torch_not_imported(tmp_path):
   """tensorboardX would import PyTorch (seconds, memory); the writer keeps it out."""
-  code = ("import sys; from d2g_jax.train import metrics; "
+  code = ("import sys; from d2g_jax.infra import metrics; "
           f"metrics.MetricWriter({str(tmp_path)!r}, process_index=0).close(); "
           "assert 'torch' not in sys.modules, 'torch imported or left blocked'")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,18 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_trajectory
 import torch
+from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 from d2g_jax.convert.pipeline import export_pipeline
 from d2g_jax.data.teacher_pairs import teacher_fns
+from d2g_jax.infra import optim, steps
+from d2g_jax.infra import state as state_lib
 from d2g_jax.losses import perceptual
 from d2g_jax.models import discriminator as disc
-from d2g_jax.models.generator import Generator, condition, text_encoder_fn
+from d2g_jax.models.generator import Generator, condition
 from d2g_jax.teacher import load_teacher
 from d2g_jax.tiny import build
-from d2g_jax.train import optim, state as state_lib, steps
-import test_trajectory
-from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 PROMPTS = ["a photo of the cat", "the cat", "of the cat", ""]
 
@@ -84,7 +85,7 @@ def test_condition_from_token_ids(pairs):
   teacher, batch = pairs
   stored = condition(batch, sdxl=False)
   assert stored["encoder_hidden_states"].dtype == jnp.float32
-  encode, text_params = text_encoder_fn(teacher)
+  encode, text_params = teacher.encode_tokens_fn()
   no_embeds = {k: v for k, v in batch.items() if k != "prompt_embeds"}
   recomputed = condition(no_embeds, sdxl=False, text_params=text_params, encode_tokens=encode)
   # float16 storage: agreement to float16's resolution.

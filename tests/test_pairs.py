@@ -14,10 +14,10 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pairs_worker as W
 import pytest
 
-import pairs_worker as W
-from d2g_jax import parallel
+from d2g_jax import files, parallel
 from d2g_jax.data import pairs, shards, source
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pairs_worker.py")
@@ -101,7 +101,7 @@ def test_end_to_end(reference):
   assert manifest["record"]["x"] == "float32[8, 8, 4]"
   assert manifest["record"]["prompt_embeds"] == "float16[6, 8]"
   for info in manifest["shards"]:
-    assert shards.file_sha256(os.path.join(out, info["name"])) == info["sha256"]
+    assert files.file_sha256(os.path.join(out, info["name"])) == info["sha256"]
   assert temps(out) == []
 
   got = records(out)

@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from d2g_jax import config_defaults
-from d2g_jax.train import run_config
+from d2g_jax.infra import run_config
 
 
 def config(**train):

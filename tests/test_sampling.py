@@ -15,8 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+  DDIMScheduler,
+  PNDMScheduler,
+  StableDiffusionPipeline,
+  StableDiffusionXLPipeline,
+  UNet2DConditionModel,
+)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 from d2g_jax import teacher as teacher_lib
 from d2g_jax.convert import pipeline as pipeline_lib
@@ -22,7 +23,6 @@ from d2g_jax.convert.unet import load_unet
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.models.vae import VAEConfig
 from d2g_jax.tiny import build
-from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 PROMPTS = ["a photo of the cat", "the cat of the cat of the cat of the cat of a cat", ""]
 NEGATIVES = ["blurry", "the ugly cat", "a"]

@@ -8,14 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import test_trajectory
+from torch_utils import assert_close_to_scale
 
 from d2g_jax import config_defaults, sampling
 from d2g_jax.data import pairs, shards, source, teacher_pairs
 from d2g_jax.teacher import load_teacher
 from d2g_jax.tiny import build
-from torch_utils import assert_close_to_scale
 
 PROMPTS = ["a photo of the cat", "the cat", "a cat of the cat", "cats", "the photo",
            "a photo of a photo of the cat", "the the the", "", "cat cat cat", "of of",

@@ -14,17 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import torch
-
 import tiny_train_config
+import torch
+from torch_utils import assert_close_to_scale, nchw, nhwc, randn
+
 from d2g_jax import parallel, run
 from d2g_jax.convert import orbax_io
 from d2g_jax.data import source
+from d2g_jax.infra import metrics as metrics_lib
+from d2g_jax.infra import run_config
 from d2g_jax.models.generator import Generator
 from d2g_jax.models.unet import init_shapes
 from d2g_jax.teacher import load_teacher
-from d2g_jax.train import build, loop, run_config
-from torch_utils import assert_close_to_scale, nchw, nhwc, randn
+from d2g_jax.train import build, loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["a cat", "the cat", "of the cat", "a photo", "the photo of a cat", "cat cat", "",
@@ -60,7 +62,7 @@ def test_train_export_rerun(root, tmp_path):
   results = run.run(config)
   assert results["train"]["step"] == 8
   assert sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit()) == [4, 6, 8]
-  logged = loop.read_metrics(str(work))
+  logged = metrics_lib.read_metrics(str(work))
   assert [m["step"] for m in logged] == list(range(1, 9))
   r1_steps = [m["step"] for m in logged if "d/r1" in m]
   assert r1_steps == [1, 5]  # steps 0 and 4 (r1_interval 4), logged as steps done
@@ -119,7 +121,7 @@ def test_train_export_rerun(root, tmp_path):
 def test_non_finite_loss_stops_before_saving(root, tmp_path, monkeypatch):
   """A NaN in step 5's metrics stops the run naming the step and the term; checkpoints stop
   at 4 (the last good one), and nothing after it is saved."""
-  from d2g_jax.train import metrics as metrics_lib
+  from d2g_jax.infra import metrics as metrics_lib
   real = metrics_lib.to_floats
 
   def poisoned(step, values):
@@ -133,7 +135,7 @@ def test_non_finite_loss_stops_before_saving(root, tmp_path, monkeypatch):
     run.run(config_for(root, work))
   done = sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit())
   assert done == [2, 4]
-  assert [m["step"] for m in loop.read_metrics(str(work))] == [1, 2, 3, 4]
+  assert [m["step"] for m in metrics_lib.read_metrics(str(work))] == [1, 2, 3, 4]
 
 
 def _train_cmd(root, workdir, steps):
@@ -177,7 +179,7 @@ def test_resume_after_sigkill_is_exact(root, tmp_path):
   assert max(done) < steps, "the run finished before it could be killed; nothing was resumed"
   subprocess.run(_train_cmd(root, killed, steps), env=_env(), check=True, capture_output=True)
   losses = lambda w: [{k: v for k, v in m.items() if not k.startswith("perf/")}
-                      for m in loop.read_metrics(str(w))]  # all but the wall-clock timings
+                      for m in metrics_lib.read_metrics(str(w))]  # all but the wall-clock timings
   assert losses(killed) == losses(full) and len(losses(full)) == steps
   a, b = _state(full, steps), _state(killed, steps)
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)

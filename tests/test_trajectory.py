@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 import torch
+from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 from d2g_jax.data.teacher_pairs import teacher_fns
 from d2g_jax.teacher import load_teacher
 from d2g_jax.tiny import build
-from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 PROMPTS = ["a photo of the cat", "the cat of the cat"]
 GUIDANCE, STEPS = 3.0, 5

@@ -10,12 +10,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.numpy import load_file, save_file
+from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 from d2g_jax.convert import core
 from d2g_jax.convert.unet import load_unet, save_unet
 from d2g_jax.models.unet import UNet, count_params, init_shapes
 from d2g_jax.models.unet_config import UNetConfig, UnsupportedConfigError
-from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 FAMILIES = ["tiny_sd15", "tiny_sd2", "tiny_sdxl"]
 
@@ -140,6 +140,7 @@ def test_group_norm_sum_is_chosen_by_the_lowering_platform():
   """The CPU lowering has pairwise_sum's halving slices; a TPU lowering (an ahead-of-time
   compile from this host, when libtpu is installed) has XLA's reduction alone."""
   import importlib.util
+
   from d2g_jax.models.layers import middle_sum
   x = jnp.ones((2, 4096, 64))
   assert "stablehlo.slice" in jax.jit(middle_sum).trace(x).lower().as_text()

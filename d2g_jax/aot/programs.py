@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from d2g_jax import parallel
+from d2g_jax import dtypes, parallel
 from d2g_jax.models.attention import resolve_implementation
 from d2g_jax.models.unet import UNet, init_shapes
 from d2g_jax.models.unet_config import UNetConfig
@@ -109,6 +109,7 @@ def _with_train(config, **train) -> Any:
 
 
 def _objective(config, model: Model, unet_config: UNetConfig):
+  build.check_recipe(config)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # random loss-network weights: only shapes matter here
     return build.objective_from_parts(config, unet_config, SD_SCHEDULE, sdxl=model.sdxl,
@@ -122,7 +123,7 @@ def train_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
   at `per_chip_batch` pairs per chip (global batch = per_chip_batch x mesh devices), as
   `config` trains it."""
   unet_config = unet_config or UNetConfig.preset(model.preset)
-  attention = resolve_implementation(config.train.attention, build.dtype(
+  attention = resolve_implementation(config.train.attention, dtypes.get(
       config.train.dtype, "train.dtype"), platform)
   config = _with_train(config, attention=attention)
   b = per_chip_batch * parallel.batch_size_divisor(mesh)
@@ -186,7 +187,7 @@ def sampler_programs(config, model: Model, mesh: Mesh, per_chip_batch: int, *,
   """The pairs stage's teacher sampler: one DDIM step with CFG ("ddim_step") and the whole
   `config.pairs.num_steps` scan ("ddim_scan"), `per_chip_batch` pairs per chip."""
   unet_config = unet_config or UNetConfig.preset(model.preset)
-  dtype = build.dtype(config.teacher.dtype, "teacher.dtype")
+  dtype = dtypes.get(config.teacher.dtype, "teacher.dtype")
   attention = resolve_implementation(config.teacher.attention, dtype, platform)
   b = per_chip_batch * len(mesh.devices.flat)
   batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)

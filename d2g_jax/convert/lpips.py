@@ -13,7 +13,7 @@ Sources understood:
     metadata names the encoder and the trunk widths, so a narrow trained trunk loads too).
 Pickles are read with `torch.load(weights_only=True)`: a checkpoint cannot run code.
 
-The inverse, for weights trained here (`d2g_jax.train.latent_vgg*`), uses the same tables:
+The inverse, for weights trained here (`d2g_jax.latent_lpips.pretrain*`), uses the same tables:
 `export_official` writes `{encoder}_latest_vgg16_tuned.pth` and `export_classifier`
 `{encoder}_latent_vgg16.pth.tar`, the files the official `elatentlpips` package loads from
 `./ckpt/` (the classifier file loads there strictly only with torchvision's head: head "vgg",
@@ -38,12 +38,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2g_jax.convert.core import (CONV, IDENTITY, LINEAR, ConversionError, Entry, Table,
-                                  TensorSource, from_state_dict, open_weights, save_safetensors,
-                                  to_flax, to_torch)
+from d2g_jax.convert.core import (
+  CONV,
+  IDENTITY,
+  LINEAR,
+  ConversionError,
+  Entry,
+  Table,
+  TensorSource,
+  from_state_dict,
+  open_weights,
+  save_safetensors,
+  to_flax,
+  to_torch,
+)
 from d2g_jax.files import atomic_write
-from d2g_jax.models.latent_vgg import (ENCODERS, LPIPS, WIDTHS, LPIPSConfig, VGGConfig, conv_layers,
-                                       init_params, param_shapes)
+from d2g_jax.models.latent_vgg import (
+  ENCODERS,
+  LPIPS,
+  WIDTHS,
+  LPIPSConfig,
+  VGGConfig,
+  conv_layers,
+  init_params,
+  param_shapes,
+)
 
 ELATENTLPIPS_URL = "https://huggingface.co/Mingguksky/elatentlpips/tree/main/elatentlpips_ckpt"
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -256,7 +275,8 @@ def load_latent_lpips(path: str | None, encoder: str = "sd15", *, augment: str |
   (trunk only), a `.safetensors` from `save_lpips` (e.g. the `latent_vgg_calibrate` stage's
   `{encoder}_elatentlpips.safetensors`), a folder holding one of those, or None (random
   initialisation; warns). `module.apply({"params": params}, a, b)` gives per-sample
-  distances of NHWC latents; add `augment=True, rngs={"augment": key}` for the ensemble.
+  distances of NHWC latents; `losses.perceptual.make_loss("e_latent_lpips", module=...)` adds
+  the ensemble's augmentation.
   """
   if path is not None:
     path = find_weights(path, encoder)

@@ -15,11 +15,11 @@ import numpy as np
 
 from d2g_jax.convert import core, orbax_io
 from d2g_jax.convert.unet import WEIGHTS_STEM, load_unet, save_unet
+from d2g_jax.log import get_logger
 from d2g_jax.models.unet import UNet
 from d2g_jax.models.unet_config import UNetConfig
-from d2g_jax.log import get_logger
 
-_log = get_logger("d2g_jax.convert.roundtrip")
+_log = get_logger(__name__)
 
 
 def _random_inputs(config: UNetConfig, size: int, seed: int = 0):
@@ -64,8 +64,9 @@ def check_unet(unet_dir: str, workdir: str, size: int = 16) -> dict:
   if changed:
     raise AssertionError(f"round trip changed tensors: {changed[:10]}")
   rel = forward_parity(out, module, params, size)
-  _log.info(f"{len(a)} tensors bit-identical through Orbax ({ck}) and back ({out}); "
-        f"forward vs diffusers: max abs error {rel:.2e} x output scale")
+  _log.info("%s tensors bit-identical through Orbax (%s) and back (%s); forward vs diffusers: max "
+            "abs error %.2e x output scale",
+            len(a), ck, out, rel)
   if rel > 1e-4:
     raise AssertionError(f"forward parity {rel:.2e} exceeds 1e-4 of the output scale")
   return {"tensors": len(a), "forward_rel_error": rel}

@@ -11,25 +11,24 @@ from __future__ import annotations
 
 import os
 
-from d2g_jax import log
+from d2g_jax import dtypes
 from d2g_jax.convert.core import load_json
 from d2g_jax.convert.vae import load_vae
 from d2g_jax.data import bapps, images, latents, writer
 from d2g_jax.data import shards as fmt
+from d2g_jax.log import get_logger
 from d2g_jax.models.latent_vgg import ENCODERS
 from d2g_jax.models.vae import VAEConfig
-from d2g_jax.log import get_logger
 
-_log = get_logger("d2g_jax.data.latent_cache")
+_log = get_logger(__name__)
 
-logger = log.get_logger(__name__)
 BAPPS_SPLITS = ("train", "val")
 
 
 def paths(config) -> dict[str, str]:
   """Folders and files of the E-LatentLPIPS stages, under config.latent_vgg.out_dir."""
   lv = config.latent_vgg
-  out = lv.out_dir or os.path.join(config.workdir, "latent_vgg")
+  out = lv.out_dir
   enc = lv.encoder
   return {
       "out": out,
@@ -41,7 +40,7 @@ def paths(config) -> dict[str, str]:
       "calibrate": os.path.join(out, "calibrate"),        # features, checkpoints, TensorBoard
       "official": os.path.join(out, "ckpt"),              # the official package's file layout
       "weights": os.path.join(out, f"{enc}_elatentlpips.safetensors"),  # the calibrated loss
-      "vae": lv.vae or os.path.join(config.teacher.path, "vae"),
+      "vae": lv.vae,
   }
 
 
@@ -59,8 +58,7 @@ def run_latent_cache(config) -> dict[str, dict]:
     raise ValueError("config.latent_vgg.cache has nothing to encode: set cache.train and "
                      "cache.eval (folder:<root> or tfds:<name>/<split>) and/or cache.bapps "
                      "(a BAPPS root holding 2afc/train and 2afc/val)")
-  if lv.vae_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.latent_vgg.vae_dtype={lv.vae_dtype!r}; expected float32 or bfloat16")
+  vae_dtype = dtypes.get(lv.vae_dtype, "config.latent_vgg.vae_dtype")
   vae_cfg = VAEConfig.from_diffusers(load_json(os.path.join(p["vae"], "config.json"),
                                                "VAE config"))
   channels = ENCODERS[lv.encoder][0] if lv.encoder in ENCODERS else None
@@ -81,19 +79,19 @@ def run_latent_cache(config) -> dict[str, dict]:
       src = bapps.TwoAFC(c.bapps, spec)
       size = c.bapps_image_size
     out_dir = p[name]
-    _log.info(f"{name}: {len(src)} examples from {spec} -> {out_dir}")
+    _log.info("%s: %s examples from %s -> %s", name, len(src), spec, out_dir)
     expected = latents.cache_config(meta, src, size, num, c.dtype)
     done = writer.existing_manifest(out_dir, fmt.LATENTS, expected)
     if done is not None:
-      _log.info(f"{name}: already complete ({done['num_examples']} latents)")
+      _log.info("%s: already complete (%s latents)", name, done['num_examples'])
       results[name] = done
       continue
     if vae is None:  # loaded only when there is work
-      vae, vae_params = load_vae(p["vae"], dtype=latents.DTYPES[lv.vae_dtype])
+      vae, vae_params = load_vae(p["vae"], dtype=vae_dtype)
     write = latents.write_image_latents if kind == "images" else latents.write_bapps_latents
     m = write(out_dir, src, vae, vae_params, image_size=size, batch_size=c.batch_size,
               shard_size=c.shard_size, meta=meta, num=num, dtype=c.dtype, workers=c.workers)
-    _log.info(f"{name}: complete, {m['num_examples']} latents "
-          f"({m['record']}), {m['total_bytes'] / 2**20:.1f} MiB")
+    _log.info("%s: complete, %s latents (%s), %.1f MiB",
+              name, m['num_examples'], m['record'], m['total_bytes'] / 2**20)
     results[name] = m
   return results

@@ -29,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2g_jax import files
+from d2g_jax import dtypes, files
 from d2g_jax.data import shards as fmt
 from d2g_jax.data import writer
 from d2g_jax.data.images import resize_center_crop
 from d2g_jax.models.vae import AutoencoderKL, VAEConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PREPROCESS = "RGB; shorter side to image_size (Pillow bicubic, antialiased); central square"
 SCALING = "vae.config.scale_latents(posterior mean)"
 
@@ -120,8 +119,7 @@ def write_image_latents(out_dir: str, images, vae: AutoencoderKL, vae_params: An
   must match.
   Returns the manifest.
   """
-  if dtype not in DTYPES:
-    raise ValueError(f"latent dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+  dtypes.get(dtype, "the stored latents' dtype", dtypes.STORAGE)
   sel = select(len(images), num)
   target = images.target  # "label" or "caption"
 
@@ -131,7 +129,7 @@ def write_image_latents(out_dir: str, images, vae: AutoencoderKL, vae_params: An
 
   config = cache_config(meta, images, image_size, num, dtype)
   return _write(out_dir, len(sel), load_one,
-                functools.partial(_image_compute, vae, DTYPES[dtype]),
+                functools.partial(_image_compute, vae, jnp.dtype(dtype)),
                 vae_params=vae_params, config=config, batch_size=batch_size,
                 shard_size=shard_size, workers=workers, mesh=mesh, progress=progress,
                 image_keys=("image",))
@@ -149,8 +147,7 @@ def write_bapps_latents(out_dir: str, triplets, vae: AutoencoderKL, vae_params: 
                         num: int = -1, dtype: str = "float32", workers: int = 8,
                         mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict:
   """Caches the latents of BAPPS 2AFC `triplets` (`bapps.TwoAFC`) in `out_dir`."""
-  if dtype not in DTYPES:
-    raise ValueError(f"latent dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+  dtypes.get(dtype, "the stored latents' dtype", dtypes.STORAGE)
   sel = select(len(triplets), num)
 
   def load_one(j):
@@ -161,7 +158,7 @@ def write_bapps_latents(out_dir: str, triplets, vae: AutoencoderKL, vae_params: 
 
   config = cache_config(meta, triplets, image_size, num, dtype)
   return _write(out_dir, len(sel), load_one,
-                functools.partial(_triplet_compute, vae, DTYPES[dtype]),
+                functools.partial(_triplet_compute, vae, jnp.dtype(dtype)),
                 vae_params=vae_params, config=config, batch_size=batch_size,
                 shard_size=shard_size, workers=workers, mesh=mesh, progress=progress,
                 image_keys=("ref", "p0", "p1"))

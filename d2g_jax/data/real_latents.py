@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 
+from d2g_jax import dtypes
 from d2g_jax.data import images, latents, writer
 from d2g_jax.data import shards as fmt
 from d2g_jax.log import get_logger
 
-log = get_logger("d2g_jax.real_latents")
+_log = get_logger(__name__)
 
 
 def open_source(config):
@@ -49,8 +50,7 @@ def run_real_latents(config) -> dict:
   from d2g_jax.convert.vae import load_vae
   from d2g_jax.teacher import load_teacher
   r = config.real
-  if r.vae_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.real.vae_dtype={r.vae_dtype!r}; expected float32 or bfloat16")
+  vae_dtype = dtypes.get(r.vae_dtype, "config.real.vae_dtype")
   teacher = load_teacher(config.teacher.path, components=())  # configs only
   vae_cfg = teacher.info.vae
   vae_dir = os.path.join(config.teacher.path, "vae")
@@ -68,7 +68,7 @@ def run_real_latents(config) -> dict:
   if done is not None:
     print(f"[real_latents] already complete ({done['num_examples']} latents)")
     return done
-  vae, params = load_vae(vae_dir, dtype=latents.DTYPES[r.vae_dtype])
+  vae, params = load_vae(vae_dir, dtype=vae_dtype)
   m = latents.write_image_latents(out, src, vae, params, image_size=size,
                                   batch_size=r.batch_size, shard_size=r.shard_size, meta=meta,
                                   num=r.num_examples, dtype=r.dtype, workers=r.workers)

@@ -22,14 +22,13 @@ shard without a sidecar is unfinished and is rewritten on resume.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from typing import Any, Mapping
 
 from flax import serialization
 
-from d2g_jax.files import atomic_write, load_json
+from d2g_jax import files
+from d2g_jax.files import load_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -82,34 +81,6 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------- durable IO
-def _fsync_dir(folder: str):
-  fd = os.open(folder, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def write_json(obj: Any, path: str):
-  """Writes JSON atomically and durably (fsync of the file and of its folder)."""
-  def write(tmp):
-    with open(tmp, "w") as fh:
-      json.dump(obj, fh, indent=2, sort_keys=True)
-      fh.write("\n")
-      fh.flush()
-      os.fsync(fh.fileno())
-  atomic_write(path, write)
-  _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as fh:
-    while block := fh.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
 class ShardWriter:
   """Appends records to a hidden temp file; `commit` makes it the shard, atomically."""
 
@@ -135,9 +106,9 @@ class ShardWriter:
     with open(self.tmp, "rb+") as fh:
       os.fsync(fh.fileno())
     info = {"name": self.name, "num_records": self.num_records,
-            "bytes": os.path.getsize(self.tmp), "sha256": file_sha256(self.tmp)}
+            "bytes": os.path.getsize(self.tmp), "sha256": files.file_sha256(self.tmp)}
     os.replace(self.tmp, self.path)
-    _fsync_dir(self.folder)
+    files.fsync_dir(self.folder)
     return info
 
   def abort(self):
@@ -170,7 +141,7 @@ def check_shard(folder: str, info: Mapping[str, Any], verify: str = "size",
                      "is truncated or was overwritten. Delete it and its .json sidecar, then "
                      f"run the {layout.stage} stage again to regenerate it.")
   if verify == "sha256":
-    digest = file_sha256(path)
+    digest = files.file_sha256(path)
     if digest != info["sha256"]:
       raise ShardError(f"shard {path} is corrupt: sha256 {digest}, expected {info['sha256']}. "
                        f"Delete it and its .json sidecar, then run the {layout.stage} stage "

@@ -34,28 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2g_jax import files, sampling
+from d2g_jax import dtypes, files, sampling
 from d2g_jax.data import pairs as pairs_lib
 from d2g_jax.data import shards as fmt
 from d2g_jax.data import writer
 from d2g_jax.data.prompts import load_prompts
-from d2g_jax.teacher import Teacher, encode_tokens, load_teacher
 from d2g_jax.log import get_logger
+from d2g_jax.teacher import Teacher, load_teacher
 
-_log = get_logger("d2g_jax.data.teacher_pairs")
+_log = get_logger(__name__)
 
 EMBED_DTYPE = jnp.float16  # stored text embeddings (see the module docstring)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FINGERPRINT_PARTS = ("model_index.json", "scheduler", "unet", "text_encoder", "tokenizer",
                      "text_encoder_2", "tokenizer_2")
 
 
 # ------------------------------------------------------------- the functions
-def _token_keys(i: int) -> tuple[str, str]:
-  suffix = "" if i == 0 else f"_{i + 1}"
-  return f"input_ids{suffix}", f"attention_mask{suffix}"
-
-
 def latent_shape(teacher: Teacher, height: int | None = None,
                  width: int | None = None) -> tuple[int, int, int]:
   """(H, W, C) of the teacher's latents for an image of height x width pixels."""
@@ -107,33 +101,21 @@ def teacher_fns(teacher: Teacher, *, guidance_scale: float, num_steps: int, eta:
   f = teacher.info.vae.downscale
   height, width = h * f, w * f
   sdxl = teacher.family == "sdxl"
-  encoders = teacher.text_encoders
-  modules = tuple(enc.module for enc in encoders)
-  use_masks = tuple(enc.use_attention_mask and not sdxl for enc in encoders)
+  encode_tokens, text_params = teacher.encode_tokens_fn()
   schedule, unet = teacher.schedule, teacher.unet
   time_ids_1x6 = teacher.time_ids(1, height, width)
 
   _, uncond = teacher.encode_prompt([""], [negative_prompt] if negative_prompt else None,
                                     height=height, width=width)
-  params = {"unet": teacher.unet_params, "text": tuple(enc.params for enc in encoders),
+  params = {"unet": teacher.unet_params, "text": text_params,
             "uncond": jax.tree.map(np.asarray, uncond)}  # host arrays, like the weights
-
-  def encode_fn(prompts: Sequence[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for i, enc in enumerate(encoders):
-      ids, mask = enc.tokenize(list(prompts))
-      k_ids, k_mask = _token_keys(i)
-      out[k_ids], out[k_mask] = ids, mask
-    return out
 
   def model_fn(unet_params, x_BxHxWxC, t_B, c):
     return unet.apply({"params": unet_params}, x_BxHxWxC, t_B, c["encoder_hidden_states"],
                       added_cond_kwargs=c.get("added_cond_kwargs"))
 
   def generate_fn(params, z_BxHxWxC, cond):
-    ids = [cond[_token_keys(i)[0]] for i in range(len(encoders))]
-    masks = [cond[_token_keys(i)[1]] if m else None for i, m in enumerate(use_masks)]
-    embeds_BxSxE, pooled_BxP = encode_tokens(modules, params["text"], ids, masks, sdxl=sdxl)
+    embeds_BxSxE, pooled_BxP = encode_tokens(params["text"], cond)
     b = z_BxHxWxC.shape[0]
     c = {"encoder_hidden_states": embeds_BxSxE}
     if sdxl:
@@ -156,7 +138,7 @@ def teacher_fns(teacher: Teacher, *, guidance_scale: float, num_steps: int, eta:
         out["pooled_prompt_embeds"] = pooled_BxP.astype(EMBED_DTYPE)
     return out
 
-  return encode_fn, generate_fn, params
+  return teacher.tokenize, generate_fn, params
 
 
 # ------------------------------------------------------------------ the stage
@@ -214,34 +196,33 @@ def run_pairs(config) -> dict:
   the same folder raises, listing what differs. Returns the manifest.
   """
   c = config.pairs
-  if config.teacher.dtype not in DTYPES:
-    raise ValueError(f"config.teacher.dtype={config.teacher.dtype!r}; expected one of "
-                     f"{sorted(DTYPES)}")
-  out_dir = c.out_dir or os.path.join(config.workdir, "pairs")
+  dtype = dtypes.get(config.teacher.dtype, "config.teacher.dtype")
+  out_dir = c.out_dir
   path = config.teacher.path
   info_only = load_teacher(path, components=())  # configs only: family, sizes, schedule
   shape = latent_shape(info_only, c.height or None, c.width or None)
   prompts = _prompts(config)
   meta = _meta(config, info_only, shape)
   num_shards = -(-len(prompts) // c.shard_size) if c.shard_size > 0 else 0
-  _log.info(f"teacher {path} ({info_only.family}, {config.teacher.dtype}); "
-        f"{len(prompts)} prompts from {c.prompts}")
-  _log.info(f"{c.num_steps}-step DDIM (eta {c.eta}), guidance {c.guidance_scale}, "
-        f"{meta['resolution'][0]}x{meta['resolution'][1]} px = latents {shape}; "
-        f"global batch {c.batch_size}, {num_shards} shards of {c.shard_size} -> {out_dir}")
+  _log.info("teacher %s (%s, %s); %s prompts from %s",
+            path, info_only.family, config.teacher.dtype, len(prompts), c.prompts)
+  _log.info("%s-step DDIM (eta %s), guidance %s, %sx%s px = latents %s; global batch %s, %s shards"
+            " of %s -> %s",
+            c.num_steps, c.eta, c.guidance_scale, meta['resolution'][0], meta['resolution'][1],
+            shape, c.batch_size, num_shards, c.shard_size, out_dir)
 
   done = writer.existing_manifest(out_dir, fmt.PAIRS,
                                  _expected_config(config, meta, prompts, shape))
   if done is not None:
-    _log.info(f"{out_dir} is already complete ({done['num_examples']} pairs); nothing to do")
+    _log.info("%s is already complete (%s pairs); nothing to do", out_dir, done['num_examples'])
     return done
   if os.path.exists(os.path.join(out_dir, fmt.MANIFEST)):
-    _log.info(f"resuming the unfinished run in {out_dir}: complete shards are kept, the "
-          "others are generated")
+    _log.info("resuming the unfinished run in %s: complete shards are kept, the others are "
+              "generated",
+              out_dir)
   else:
     _log.info("new dataset; if interrupted, run the same command again to resume")
 
-  dtype = DTYPES[config.teacher.dtype]
   teacher = load_teacher(path, dtype=dtype, param_dtype=dtype, components=("unet", "text"),
                          attention=config.teacher.attention)
   encode_fn, generate_fn, params = teacher_fns(

@@ -29,10 +29,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from d2g_jax import log, parallel
+from d2g_jax import files, parallel
 from d2g_jax.data import shards as fmt
+from d2g_jax.log import get_logger
 
-logger = log.get_logger(__name__)
+_log = get_logger(__name__)
 
 # load_fn(indices, rows) -> (stored, inputs), on the host:
 #   stored: {name: one value per index} (int, float, str or numpy array), kept in the records;
@@ -160,7 +161,7 @@ def _start_manifest(out_dir: str, layout: fmt.Layout, config: dict, num_shards: 
                            f"{num_shards} shards). Use another output folder.")
   if jax.process_index() == 0 and not os.path.exists(path):
     os.makedirs(out_dir, exist_ok=True)
-    fmt.write_json(_manifest(layout, config, num_shards, "in_progress", []), path)
+    files.save_json(_manifest(layout, config, num_shards, "in_progress", []), path)
   _barrier(f"d2g_{layout.prefix}_manifest")
   manifest = fmt.read_manifest(out_dir, layout)
   check_config(path, manifest["config"], config)
@@ -211,7 +212,7 @@ def _finish_manifest(out_dir: str, layout: fmt.Layout, config: dict, num_shards:
       raise fmt.ShardError(f"{out_dir}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} "
                            f"({len(missing)} in all) are not complete; with several hosts, "
                            "out_dir must be one folder that every host sees")
-    fmt.write_json(_manifest(layout, config, num_shards, "complete", infos),
+    files.save_json(_manifest(layout, config, num_shards, "complete", infos),
                    os.path.join(out_dir, fmt.MANIFEST))
   _barrier(f"d2g_{layout.prefix}_manifest_final")
   return fmt.read_manifest(out_dir, layout)
@@ -263,7 +264,7 @@ class _ShardSink:
     if w.num_records == hi - lo:
       info = {"shard": s, "first_index": lo, **self.writers.pop(s).commit(),
               "config_sha256": self.config_sha, "host": jax.process_index()}
-      fmt.write_json(info, os.path.join(self.out_dir,
+      files.save_json(info, os.path.join(self.out_dir,
                                         fmt.sidecar_name(s, self.num_shards, layout)))
 
   def abort(self):
@@ -342,7 +343,7 @@ def write_shards(out_dir: str, num_examples: int, load_fn: LoadFn, compute_fn: C
   b = parallel.local_batch_size(batch_size, mesh)
   num_shards = -(-n // shard_size)
   if shard_size % b and num_shards > 1:
-    logger.warning("shard_size %d is not a multiple of the per-host batch %d: the last batch "
+    _log.warning("shard_size %d is not a multiple of the per-host batch %d: the last batch "
                    "of every shard is padded.", shard_size, b)
 
   sharding = parallel.batch_sharding(mesh)
@@ -371,7 +372,7 @@ def write_shards(out_dir: str, num_examples: int, load_fn: LoadFn, compute_fn: C
     num_steps = int(np.max(multihost_utils.process_allgather(np.int64(num_steps))))
   total = sum(hi - lo for lo, hi in (shard_range(s, shard_size, n) for s in mine))
   left = sum(c.stop - c.start for c in chunks)
-  logger.info("%s: %d examples in %d shards of %d; this host owns %d shards (%d to do); "
+  _log.info("%s: %d examples in %d shards of %d; this host owns %d shards (%d to do); "
               "%d steps of global batch %d", layout.prefix, n, num_shards, shard_size,
               len(mine), len(todo), num_steps, batch_size)
 

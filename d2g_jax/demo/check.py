@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from d2g_jax.demo import classifier, digits
+from d2g_jax.models.vae import decode_latents
 
 
 def sample_digits(teacher, labels_N, z_NxhxwxL, template: str, guidance_scale: float,
@@ -24,15 +25,13 @@ def sample_digits(teacher, labels_N, z_NxhxwxL, template: str, guidance_scale: f
   """(latents, decoded images N x H x W x 3 in about [-1, 1]) of the teacher's DDIM + CFG
   solutions from noise `z` for the prompts asking for `labels_N`."""
   from d2g_jax.data.teacher_pairs import teacher_fns
-  from d2g_jax.models.vae import AutoencoderKL
   encode_fn, generate_fn, params = teacher_fns(teacher, guidance_scale=guidance_scale,
                                                num_steps=num_steps, store_embeddings=False)
   vae = teacher.vae
 
   def sample(params, vae_params, z, cond):
     x = generate_fn(params, z, cond)["x"]
-    return x, vae.apply({"params": vae_params}, vae.config.unscale_latents(x),
-                        method=AutoencoderKL.decode)
+    return x, decode_latents(vae, vae_params, x)
 
   cond = encode_fn([digits.prompt(d, template) for d in labels_N])
   x, images = jax.jit(sample)(params, teacher.vae_params, z_NxhxwxL, cond)

@@ -55,7 +55,9 @@ def fit_on_digits(size: int, held_out: int, seed: int):
 
 
 if __name__ == "__main__":
-  from d2g_jax import config_defaults
-  c = config_defaults.base().digits
+  import ml_collections
+
+  from d2g_jax.demo import config as demo_config
+  c = demo_config.add_blocks(ml_collections.ConfigDict()).digits
   _, acc = fit_on_digits(c.image_size, c.held_out, c.split_seed)
   print(f"digit classifier: held-out accuracy {acc:.4f} ({c.held_out} images, {c.image_size} px)")

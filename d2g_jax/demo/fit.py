@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from d2g_jax.demo.folders import as_json, differing
 from d2g_jax.files import atomic_write, load_json, save_json
-from d2g_jax.train.metrics import to_floats
-from d2g_jax.train.optim import ema_update
+from d2g_jax.infra.metrics import to_floats
+from d2g_jax.infra.optim import ema_update
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 from d2g_jax.log import get_logger
 
-_log = get_logger("d2g_jax.demo.perceptual_data")
+_log = get_logger(__name__)
 
 FAMILIES = {"train": ("noise", "blur", "shift", "erase"), "val": ("noise", "blur", "shift", "erase")}
 TEMPERATURE = 0.02
@@ -117,7 +118,7 @@ def run_data(config) -> dict:
   stamp = {"image_size": dg.image_size, "held_out": dg.held_out, "split_seed": dg.split_seed,
            "per_family": config.demo.twoafc_per_family, "seed": config.seed}
   if folders.finished(root, stamp, "digits_lpips_data") is not None:
-    _log.info(f"{root} is complete; nothing to do")
+    _log.info("%s is complete; nothing to do", root)
     return {"root": root}
   train, held = digits.load(dg.image_size, dg.held_out, dg.split_seed)
 
@@ -128,6 +129,6 @@ def run_data(config) -> dict:
                config.demo.twoafc_per_family, config.seed)
   folders.build(root, fill, "digits_lpips_data", stamp, {})
   n = config.demo.twoafc_per_family * sum(len(f) for f in FAMILIES.values())
-  _log.info(f"{len(train.labels_N)} training and {len(held.labels_N)} held-out "
-            f"digit images (class folders) and {n} 2AFC triplets -> {root}")
+  _log.info("%s training and %s held-out digit images (class folders) and %s 2AFC triplets -> %s",
+            len(train.labels_N), len(held.labels_N), n, root)
   return {"root": root}

@@ -17,6 +17,7 @@ the exported diffusers folder's one-step output against ours; seconds per stage.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -25,22 +26,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2g_jax import grid, student
 from d2g_jax.data.pairs import batch_noise
 from d2g_jax.data.teacher_pairs import latent_shape, teacher_fns
 from d2g_jax.demo import classifier, digits
 from d2g_jax.files import load_json, save_json
 from d2g_jax.log import get_logger
 from d2g_jax.models.generator import Generator
+from d2g_jax.models.vae import decode_latents
 from d2g_jax.teacher import load_teacher
-from d2g_jax.train import samples
 
-log = get_logger("d2g_jax.demo")
+_log = get_logger(__name__)
 SAMPLERS = ("teacher_50", "teacher_1", "student_1")
 STAGE_SECONDS = "stage_seconds.json"
 
 
 def _decode(teacher):
-  decode = jax.jit(samples.decode_fn(teacher))
+  decode = jax.jit(functools.partial(decode_latents, teacher.vae))
   return lambda lat: np.asarray(decode(teacher.vae_params, lat))
 
 
@@ -79,20 +81,18 @@ def _lpips(config):
 
 def run_report(config) -> dict:
   """The demo_report stage; returns the metrics (also written to <workdir>/metrics.json)."""
-  from d2g_jax.train.export import load_generator
-  from d2g_jax.train.loop import checkpoint_dir
   c, dg = config.demo, config.digits
   out_metrics = os.path.join(config.workdir, "metrics.json")
   picture = os.path.join(config.workdir, "demo.png")
   t0 = time.time()
   teacher = load_teacher(config.teacher.path, components=("unet", "vae", "text"))
-  _, params, step = load_generator(config, checkpoint_dir(config), "ema")
+  _, params, step = student.load_checkpoint(config, config.train.checkpoint_dir, "ema")
   stamp = {"checkpoint_step": int(step), "samples_per_digit": int(c.samples_per_digit),
            "seed": int(c.seed)}
   if os.path.isfile(out_metrics) and os.path.isfile(picture):
     old = load_json(out_metrics, "demo metrics")
     if old.get("inputs") == stamp:
-      log.info("%s and %s are up to date (checkpoint %d); nothing to do", picture, out_metrics,
+      _log.info("%s and %s are up to date (checkpoint %d); nothing to do", picture, out_metrics,
                step)
       return old
 
@@ -133,19 +133,19 @@ def run_report(config) -> dict:
   }
   shown = min(k, c.columns)
   columns = [px[n].reshape(d, k, *px[n].shape[1:])[:, j] for n in SAMPLERS for j in range(shown)]
-  image = samples.grid(columns, pad=1)
+  image = grid.columns_image(columns, pad=1)
   image = np.repeat(np.repeat(image, c.zoom, axis=0), c.zoom, axis=1)
   os.makedirs(config.workdir, exist_ok=True)
-  samples.save_png(image, picture)
+  grid.save_png(image, picture)
   seconds_path = os.path.join(config.workdir, STAGE_SECONDS)
   seconds = load_json(seconds_path, "stage timings") if os.path.isfile(seconds_path) else {}
   seconds["demo_report"] = time.time() - t0
   seconds["total"] = sum(v for key, v in seconds.items() if key != "total")
   metrics["seconds"] = seconds
   save_json(metrics, out_metrics)
-  log.info("demo.png (rows: digits 0-9; columns: %d x teacher 50-step | teacher 1-step | "
+  _log.info("demo.png (rows: digits 0-9; columns: %d x teacher 50-step | teacher 1-step | "
            "student 1-step) -> %s", shown, picture)
-  log.info("accuracy %s; diversity %s; E-LatentLPIPS to the teacher %.4f -> %.4f",
+  _log.info("accuracy %s; diversity %s; E-LatentLPIPS to the teacher %.4f -> %.4f",
            json.dumps({n: round(v, 3) for n, v in metrics["accuracy"].items()}),
            json.dumps({n: round(v, 3) for n, v in metrics["diversity"].items()}),
            metrics["distance_to_teacher"]["before"], metrics["distance_to_teacher"]["after"])

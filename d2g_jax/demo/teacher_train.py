@@ -27,8 +27,8 @@ import numpy as np
 
 from d2g_jax.convert.vae import load_vae
 from d2g_jax.demo import check, digits, fit, folders, pipeline, text, vae_train
-from d2g_jax.evaluate.grid import save_grid
 from d2g_jax.files import save_json
+from d2g_jax.grid import save_grid
 from d2g_jax.models.unet import UNet
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.models.vae import AutoencoderKL, sample_latent

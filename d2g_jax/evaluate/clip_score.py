@@ -101,6 +101,7 @@ class ClipScorer:
 def load_clip_scorer(path: str, dtype: Any = jnp.float32) -> ClipScorer:
   """A transformers CLIPModel folder (weights, tokenizer, preprocessor config) as a scorer."""
   from transformers import AutoTokenizer
+
   from d2g_jax.convert.clip_model import load_clip_model
   module, params = load_clip_model(path, dtype=dtype)
   try:

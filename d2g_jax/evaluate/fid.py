@@ -40,7 +40,7 @@ from d2g_jax.evaluate.resize import fid_resize, resize_host
 from d2g_jax.files import atomic_write
 from d2g_jax.log import get_logger
 
-_log = get_logger("d2g_jax.evaluate.fid")
+_log = get_logger(__name__)
 
 FID_SIZE = 299
 
@@ -99,14 +99,6 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     if "mu" not in f or "sigma" not in f:
       raise ValueError(f"{path} holds {sorted(f.files)}; FID statistics need 'mu' and 'sigma'")
     return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as fh:
-    while block := fh.read(1 << 22):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _source_fingerprint(spec: str, data_dir: str | None) -> str:
@@ -191,10 +183,10 @@ def reference_statistics(spec: str, module, params, *, cache_dir: str, weights_s
     mu, sigma = load_stats(path)
     with np.load(path) as f:
       info = json.loads(str(f["meta"]))
-    _log.info(f"FID reference statistics from the cache {path} "
-          f"({info.get('num_images')} images)")
+    _log.info("FID reference statistics from the cache %s (%s images)",
+              path, info.get('num_images'))
     return mu, sigma, {**info, "cache": path}
-  _log.info(f"computing FID reference statistics of {spec} (cached in {path})")
+  _log.info("computing FID reference statistics of %s (cached in %s)", spec, path)
   features = image_features(spec, module, params, data_dir=data_dir, image_key=image_key,
                             limit=limit, center_crop=center_crop, resolution=resolution,
                             batch_size=batch_size, threads=threads)

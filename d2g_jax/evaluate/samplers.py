@@ -31,11 +31,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from d2g_jax import dtypes, student
 from d2g_jax.data import teacher_pairs
 from d2g_jax.models import generator as generator_lib
 from d2g_jax.teacher import Teacher, load_teacher
-
-DTYPES = teacher_pairs.DTYPES
 
 
 @dataclasses.dataclass
@@ -71,25 +70,10 @@ def make_sampler(row, config, name: str) -> Sampler:
   return SOURCES[row.source](row, config, name)
 
 
-def tokenize_fn(teacher: Teacher) -> Callable[[Sequence[str]], dict[str, np.ndarray]]:
-  """Host tokenisation with every tokenizer of the folder, keyed as the pair records are."""
-  def encode_fn(prompts):
-    out = {}
-    for i, enc in enumerate(teacher.text_encoders):
-      ids, mask = enc.tokenize(list(prompts))
-      k_ids, k_mask = teacher_pairs._token_keys(i)
-      out[k_ids], out[k_mask] = ids, mask
-    return out
-  return encode_fn
-
-
 def _load(path: str, config, name: str) -> Teacher:
   if not path:
     raise ValueError(f"config.eval.{name}.path is empty; give a diffusers pipeline folder")
-  if config.teacher.dtype not in DTYPES:
-    raise ValueError(f"config.teacher.dtype={config.teacher.dtype!r}; expected one of "
-                     f"{sorted(DTYPES)}")
-  dtype = DTYPES[config.teacher.dtype]
+  dtype = dtypes.get(config.teacher.dtype, "config.teacher.dtype")
   return load_teacher(path, dtype=dtype, param_dtype=dtype, components=("unet", "vae", "text"),
                       attention=config.teacher.attention)
 
@@ -125,14 +109,14 @@ def generator_sampler(teacher: Teacher, generator: generator_lib.Generator, unet
   sdxl = teacher.family == "sdxl"
   f = teacher.info.vae.downscale
   time_ids_1x6 = teacher.time_ids(1, latent_shape[0] * f, latent_shape[1] * f)
-  encode_tokens, text_params = generator_lib.text_encoder_fn(teacher)
+  encode_tokens, text_params = teacher.encode_tokens_fn()
 
   def generate_fn(params, z_BxHxWxC, tokens):
     cond = generator_lib.condition(tokens, sdxl=sdxl, time_ids_1x6=time_ids_1x6,
                                    text_params=params["text"], encode_tokens=encode_tokens)
     return {"x": generator.apply(params["unet"], z_BxHxWxC, cond)}
 
-  return Sampler(tokenize_fn(teacher), generate_fn, {"unet": unet_params, "text": text_params},
+  return Sampler(teacher.tokenize, generate_fn, {"unet": unet_params, "text": text_params},
                  teacher, latent_shape, meta)
 
 
@@ -140,18 +124,9 @@ def generator_sampler(teacher: Teacher, generator: generator_lib.Generator, unet
 def one_step_sampler(row, config, name: str) -> Sampler:
   """An exported student pipeline folder: G = its UNet at the one-step scheduler's timestep."""
   teacher = _load(row.path, config, name)
-  schedule = teacher.schedule
-  where = os.path.join(row.path, "scheduler", "scheduler_config.json")
-  timestep = int(schedule.timesteps(1)[0])
-  if timestep != schedule.num_train_timesteps - 1 or not schedule.set_alpha_to_one:
-    raise ValueError(
-        f"{where} is not a one-step scheduler as export_pipeline writes (one step at the last "
-        f"training timestep, set_alpha_to_one=True); it gives timestep {timestep} of "
-        f"{schedule.num_train_timesteps}, set_alpha_to_one={schedule.set_alpha_to_one}. For a "
-        "teacher folder use source='ddim'.")
-  generator = generator_lib.Generator(teacher.unet, schedule, timestep, schedule.prediction_type)
-  meta = {"source": "one_step", **_folder_meta(row.path, teacher), "timestep": timestep,
-          "prediction_type": schedule.prediction_type}
+  generator = student.one_step_generator(teacher)
+  meta = {"source": "one_step", **_folder_meta(row.path, teacher),
+          "timestep": generator.timestep, "prediction_type": generator.prediction_type}
   return generator_sampler(teacher, generator, teacher.unet_params, meta, _size(config, teacher))
 
 
@@ -159,11 +134,9 @@ def one_step_sampler(row, config, name: str) -> Sampler:
 def checkpoint_sampler(row, config, name: str) -> Sampler:
   """The EMA generator of a training run's latest checkpoint, with the teacher folder's text
   encoders, tokenizers and VAE (`row.path`: the checkpoints folder, '' = the workdir's)."""
-  from d2g_jax.train.export import load_generator
-  from d2g_jax.train.loop import checkpoint_dir
-  folder = row.path or checkpoint_dir(config)
+  folder = row.path or config.train.checkpoint_dir
   teacher = _load(config.teacher.path, config, name)
-  trained, params, step = load_generator(config, folder, "ema")
+  trained, params, step = student.load_checkpoint(config, folder, "ema")
   generator = generator_lib.Generator(teacher.unet, teacher.schedule, trained.timestep,
                                       trained.parameterization)
   meta = {"source": "checkpoint", "checkpoints": os.path.abspath(folder), "step": int(step),

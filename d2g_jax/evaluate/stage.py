@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from d2g_jax import files
 from d2g_jax.data import pairs as pairs_lib
 from d2g_jax.data.prompts import load_prompts
 from d2g_jax.data.source import PairSource
@@ -42,13 +43,14 @@ from d2g_jax.evaluate import clip_score as clip_lib
 from d2g_jax.evaluate import fid as fid_lib
 from d2g_jax.evaluate import fidelity as fidelity_lib
 from d2g_jax.evaluate import samplers as samplers_lib
-from d2g_jax.evaluate.grid import save_grid
 from d2g_jax.evaluate.resize import to_pixels
 from d2g_jax.files import save_json
-from d2g_jax.models.vae import AutoencoderKL
+from d2g_jax.grid import save_grid
+from d2g_jax.infra import metrics as metrics_lib
 from d2g_jax.log import get_logger
+from d2g_jax.models.vae import decode_latents
 
-_log = get_logger("d2g_jax.evaluate.stage")
+_log = get_logger(__name__)
 
 READ_CHUNK = 256  # records read at a time when computing metrics
 
@@ -84,7 +86,7 @@ class Metrics:
       from d2g_jax.convert.inception import load_inception
       self.inception, self.inception_params = load_inception(e.fid.inception_weights,
                                                              e.fid.normalize)
-      self.inception_sha256 = fid_lib.file_sha256(e.fid.inception_weights)
+      self.inception_sha256 = files.file_sha256(e.fid.inception_weights)
       self.meta["inception"] = {"sha256": self.inception_sha256, "normalize": e.fid.normalize}
     if e.clip.path:
       self.clip = clip_lib.load_clip_scorer(e.clip.path)
@@ -122,9 +124,7 @@ def _eval_generate(sampler: samplers_lib.Sampler, metrics: Metrics, params, z_Bx
 
 def decode_pixels(sampler: samplers_lib.Sampler, vae_params, x_BxHxWxC):
   """Latents -> 8-bit pixel values (floats in [0, 255]) with the row's VAE."""
-  vae = sampler.teacher.vae
-  raw = sampler.teacher.info.vae.unscale_latents(x_BxHxWxC.astype(np.float32))
-  return to_pixels(vae.apply({"params": vae_params}, raw, method=AutoencoderKL.decode))
+  return to_pixels(decode_latents(sampler.teacher.vae, vae_params, x_BxHxWxC))
 
 
 # ------------------------------------------------------------------ samples
@@ -137,7 +137,7 @@ def generate_row(config, name: str, prompts: list[str], metrics: Metrics) -> dic
   out_dir = os.path.join(e.out_dir, "samples", name)
   meta = json.loads(json.dumps({"row": name, "sampler": sampler.meta, "metrics": metrics.meta,
                                 "prompts": e.prompts, "num_samples": len(prompts)}))
-  _log.info(f"row {name}: {json.dumps(sampler.meta)} -> {out_dir}")
+  _log.info("row %s: %s -> %s", name, json.dumps(sampler.meta), out_dir)
   params = {"sampler": sampler.params, "vae": sampler.teacher.vae_params,
             "metrics": metrics.params()}
   encode_fn = lambda p: {**sampler.encode_fn(p), **metrics.encode(p)}
@@ -246,17 +246,13 @@ def table(results: dict[str, dict], n: int, teacher: str) -> str:
 
 
 def write_tensorboard(folder: str, results: dict[str, dict], grid: np.ndarray | None, step: int):
-  from tensorboardX import SummaryWriter
-  writer = SummaryWriter(folder)
-  try:
-    for name, r in results.items():
-      for k, v in r.items():
-        if isinstance(v, (int, float)) and k != "steps":
-          writer.add_scalar(f"eval/{name}/{k}", v, step)
+  """The table's numbers and the sample grid as TensorBoard events (process 0 writes)."""
+  with metrics_lib.MetricWriter(folder) as writer:
+    writer.write_scalars(step, {f"eval/{name}/{k}": v for name, r in results.items()
+                                for k, v in r.items()
+                                if isinstance(v, (int, float)) and k != "steps"})
     if grid is not None:
-      writer.add_image("eval/grid", grid, step, dataformats="HWC")
-  finally:
-    writer.close()
+      writer.write_images(step, {"eval/grid": grid})
 
 
 def run_eval(config) -> dict:
@@ -310,5 +306,5 @@ def run_eval(config) -> dict:
   save_json(report, os.path.join(e.out_dir, "metrics.json"))
   write_tensorboard(os.path.join(e.out_dir, "tb"), results, grid, e.step)
   _log.info(table(results, n, e.fidelity_reference))
-  _log.info(f"wrote {os.path.join(e.out_dir, 'metrics.json')}, grid.png and tb/")
+  _log.info("wrote %s, grid.png and tb/", os.path.join(e.out_dir, 'metrics.json'))
   return report

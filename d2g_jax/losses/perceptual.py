@@ -20,6 +20,7 @@ Loss-network params are constants of the training step: never differentiate them
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from d2g_jax.losses.augment import augment_pair
 from d2g_jax.models.latent_vgg import LPIPS
 
 LossFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -85,11 +87,16 @@ def make_loss(name: str, *, module: LPIPS | None = None, decode: Decode | None =
     if ensemble and module.config.augment is None:
       raise ValueError("e_latent_lpips needs an augmentation policy (config.augment), got None")
 
+    augment = None
+    if ensemble:
+      augment = functools.partial(augment_pair, policy=module.config.augment,
+                                  p=module.config.augment_p)
+
     def latent_loss(params, a, b, key=None):
       if ensemble and key is None:
         raise ValueError("e_latent_lpips draws augmentations: pass a PRNG key")
       rngs = {"augment": key} if ensemble else {}
-      return jnp.mean(module.apply({"params": params}, a, b, augment=ensemble,
+      return jnp.mean(module.apply({"params": params}, a, b, augment=augment,
                                    raw_latents=raw_latents, rngs=rngs))
     return latent_loss
   if name == "lpips":

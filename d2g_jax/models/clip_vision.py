@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from d2g_jax.models.clip_text import (CLIPEncoder, CLIPTextConfig, CLIPTextTransformer,
-                                      TowerChecks)
+from d2g_jax.models.clip_text import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer, TowerChecks
 
 Dtype = Any
 

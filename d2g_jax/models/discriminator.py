@@ -176,17 +176,17 @@ def with_teacher_trunk(d_params: Any, teacher_params: Any, where: str = "teacher
   return {**d_params, TRUNK: new_trunk}
 
 
-def init_discriminator(module: Discriminator, teacher_params: Any, key: jax.Array) -> Any:
+def init_params(module: Discriminator, key: jax.Array, teacher_params: Any) -> Any:
   """D's params: the teacher's UNet weights for the trunk, new layers initialised
-  (zero convs zero, readouts: GroupNorm 1/0, 1x1 conv LeCun-normal). One jit; the
-  trunk's random init is eliminated by XLA."""
-  args = example_inputs(module.unet_config)
+  (zero convs zero, readouts: GroupNorm 1/0, 1x1 conv LeCun-normal). Traceable: inside a
+  jit the trunk's random init is dead code that XLA eliminates."""
+  params = module.init(key, *_zeros_like_struct(example_inputs(module.unet_config)))["params"]
+  return with_teacher_trunk(params, teacher_params)
 
-  @jax.jit
-  def init(k, teacher):
-    params = module.init(k, *_zeros_like_struct(args))["params"]
-    return with_teacher_trunk(params, teacher)
-  return init(key, teacher_params)
+
+def init_discriminator(module: Discriminator, teacher_params: Any, key: jax.Array) -> Any:
+  """`init_params` in one jit (the teacher's weights in, D's params out)."""
+  return jax.jit(lambda k, t: init_params(module, k, t))(key, teacher_params)
 
 
 def summary(params_or_shapes: Any) -> dict[str, int]:

@@ -91,7 +91,7 @@ def condition(batch: Mapping[str, Any], *, sdxl: bool, time_ids_1x6: np.ndarray 
 
   Uses the stored `prompt_embeds` (+ SDXL `pooled_prompt_embeds`) when the batch has
   them; otherwise `encode_tokens(text_params, batch)` recomputes them from the stored
-  token ids (see `text_encoder_fn`). SDXL's `time_ids` are the pairs' resolution
+  token ids (see `Teacher.encode_tokens_fn`). SDXL's `time_ids` are the pairs' resolution
   (`time_ids_1x6`, broadcast over the batch), as the teacher used them.
   """
   if "prompt_embeds" in batch:
@@ -115,24 +115,3 @@ def condition(batch: Mapping[str, Any], *, sdxl: bool, time_ids_1x6: np.ndarray 
         "time_ids": jnp.broadcast_to(jnp.asarray(time_ids_1x6, jnp.float32).reshape(1, 6),
                                      (b, 6))}
   return cond
-
-
-def text_encoder_fn(teacher) -> tuple[EncodeTokens, Any]:
-  """(encode_tokens, text_params): the teacher's frozen text encoders on stored token ids
-  (`input_ids`, `attention_mask`, `input_ids_2`, ...), as the pairs stage encoded them."""
-  from d2g_jax.teacher import encode_tokens as encode
-  sdxl = teacher.family == "sdxl"
-  encoders = teacher.text_encoders
-  if not encoders:
-    raise ValueError("the teacher was loaded without text encoders; load it with "
-                     "components including 'text'")
-  modules = tuple(enc.module for enc in encoders)
-  use_masks = tuple(enc.use_attention_mask and not sdxl for enc in encoders)
-
-  def fn(text_params, batch):
-    keys = [("input_ids", "attention_mask")] + [(f"input_ids_{i + 1}", f"attention_mask_{i + 1}")
-                                                for i in range(1, len(encoders))]
-    ids = [jnp.asarray(batch[k]) for k, _ in keys]
-    masks = [jnp.asarray(batch[m]) if use else None for (_, m), use in zip(keys, use_masks)]
-    return encode(modules, text_params, ids, masks, sdxl=sdxl)
-  return fn, tuple(enc.params for enc in encoders)

@@ -10,7 +10,7 @@ Two trunks share one module:
 Parameter names mirror the PyTorch modules (`net.slice1.0.weight`, `lin0.model.1.weight`) so
 conversion is a table (`d2g_jax.convert.lpips`). Batch-norm statistics are frozen and stored in
 `params` (`mean`, `var`) so `module.apply({"params": params}, a, b)` needs no other collection;
-as a loss this network is fixed. To train the trunk (`d2g_jax.train.latent_vgg`), `VGG16(cfg,
+as a loss this network is fixed. To train the trunk (`d2g_jax.latent_lpips.pretrain`), `VGG16(cfg,
 train=True)` uses batch statistics and keeps running ones in the `batch_stats` collection under
 the same names (`merge_batch_stats` folds them back into params). `VGGConfig.widths` can narrow
 the trunk for small experiments; the official layout is 64/128/256/512/512.
@@ -18,14 +18,15 @@ the trunk for small experiments; the official layout is 64/128/256/512/512.
 The distance is the LPIPS formula: per tap, unit-normalise features over channels, square the
 difference, weight channels with a 1x1 head (no bias), average over space; sum over taps.
 E-LatentLPIPS adds, as the official package does, the mean absolute difference of the two
-latents (before augmentation) and, with `augment=True`, first applies one random augmentation per
-sample to both latents (`d2g_jax.losses.augment`).
+latents (before augmentation) and, given an `augment` function (the loss passes
+`d2g_jax.losses.augment.augment_pair`), first applies one random augmentation per sample to both
+latents.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +175,7 @@ class LPIPSConfig:
   # (`lpips`).
   norm_eps: float = 1e-8
   eps_inside_sqrt: bool = True
-  augment: str | None = "bg"       # policy for `augment=True`: b, g, c, o, bg, bgc, bgco, ...
+  augment: str | None = "bg"       # the ensemble's policy (losses.augment): b, g, c, o, bg, bgc, ...
   augment_p: float = 1.0           # probability multiplier of every augmentation
   l1: bool = True                  # add the mean |a - b| over H, W, C (before augmentation)
 
@@ -221,6 +222,10 @@ class NetLin(nn.Module):
                    dtype=jnp.float32, param_dtype=self.param_dtype, name="model_1")(d_BxHxWxC)
 
 
+# augment(key, a_BxHxWxC, b_BxHxWxC) -> (a, b): the same random augmentation of both inputs.
+Augment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
 class LPIPS(nn.Module):
   """Per-sample perceptual distance between two NHWC batches: (E-)LatentLPIPS or pixel LPIPS."""
   config: LPIPSConfig = LPIPSConfig()
@@ -228,12 +233,13 @@ class LPIPS(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, a_BxHxWxC, b_BxHxWxC, *, augment: bool = False, raw_latents: bool = False,
-               add_l1: bool | None = None) -> jax.Array:
+  def __call__(self, a_BxHxWxC, b_BxHxWxC, *, augment: Augment | None = None,
+               raw_latents: bool = False, add_l1: bool | None = None) -> jax.Array:
     """Distances, shape (B,).
 
-    augment: apply one random augmentation per sample, the same to both inputs (the "E",
-      ensemble, of E-LatentLPIPS); needs `rngs={"augment": key}`.
+    augment: `augment(key, a, b) -> (a, b)`, one random augmentation per sample applied to
+      both inputs (the "E", ensemble, of E-LatentLPIPS: `losses.augment.augment_pair` with
+      `config.augment`'s policy); the key is drawn from `rngs={"augment": key}`.
     raw_latents: the inputs are raw VAE-encoder latents; scale them as the encoder's diffusion
       latents first (the official package's `normalize=True`). Latents that a diffusion model
       produces are already scaled: leave this False for them.
@@ -250,11 +256,8 @@ class LPIPS(nn.Module):
       a, b = (a - shift) * scale, (b - shift) * scale
     add_l1 = cfg.l1 if add_l1 is None else add_l1
     l1_B = jnp.mean(jnp.abs(a - b), axis=(1, 2, 3)) if add_l1 else 0.0
-    if augment:
-      if cfg.augment is None:
-        raise ValueError("augment=True but this LPIPS has no augmentation policy (config.augment)")
-      from d2g_jax.losses.augment import augment_pair  # losses depend on models, not vice versa
-      a, b = augment_pair(self.make_rng("augment"), a, b, policy=cfg.augment, p=cfg.augment_p)
+    if augment is not None:
+      a, b = augment(self.make_rng("augment"), a, b)
     if cfg.pixel_input:
       shift = jnp.asarray(PIXEL_SHIFT, jnp.float32)
       scale = jnp.asarray(PIXEL_SCALE, jnp.float32)

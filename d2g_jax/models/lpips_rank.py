@@ -7,7 +7,7 @@ Input features [d0, d1, d0 - d1, d0 / (d1 + eps), d1 / (d0 + eps)]; three 1x1 la
 paper's "small network", here Dense on per-example scalars) with leaky ReLU (0.2) between;
 the output is a logit (the sigmoid and binary cross-entropy are fused in the loss).
 Initialised as PyTorch's default for 1x1 convolutions: weights and biases U(+-1/sqrt(fan_in)).
-Used only to calibrate the LPIPS heads (`d2g_jax.train.latent_vgg_calibrate`).
+Used only to calibrate the LPIPS heads (`d2g_jax.latent_lpips.calibrate`).
 """
 
 from __future__ import annotations

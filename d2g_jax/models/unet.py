@@ -20,8 +20,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from d2g_jax.models.attention import Transformer2DModel
-from d2g_jax.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D,
-                                   activation, conv, group_norm, timestep_embedding)
+from d2g_jax.models.layers import (
+  Downsample2D,
+  ResnetBlock2D,
+  TimestepEmbedding,
+  Upsample2D,
+  activation,
+  conv,
+  group_norm,
+  timestep_embedding,
+)
 from d2g_jax.models.unet_config import UNetConfig
 
 Dtype = Any

@@ -182,7 +182,7 @@ class UNetConfig:
               f"{source}: UNet option {key}={value!r} is not supported (only {_FIXED[key]!r}); "
               "d2g_jax implements the SD 1.5 / SD 2.x / SDXL UNet2DConditionModel")
       elif key not in _IGNORED:
-        warnings.warn(f"{source}: unknown UNet option {key}={value!r} ignored")
+        warnings.warn(f"{source}: unknown UNet option {key}={value!r} ignored", stacklevel=2)
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
       raise UnsupportedConfigError(
           f"{source}: _class_name is {config['_class_name']!r}; expected UNet2DConditionModel")

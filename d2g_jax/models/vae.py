@@ -23,8 +23,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from d2g_jax.models.attention import IMPLEMENTATIONS, attention
-from d2g_jax.models.layers import (Downsample2D, ResnetBlock2D, Upsample2D, activation, conv,
-                                   group_norm)
+from d2g_jax.models.layers import (
+  Downsample2D,
+  ResnetBlock2D,
+  Upsample2D,
+  activation,
+  conv,
+  group_norm,
+)
 
 Dtype = Any
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "presets")
@@ -291,6 +297,13 @@ class AutoencoderKL(nn.Module):
     """The param tree as `jax.ShapeDtypeStruct`s, without allocating."""
     x = jax.ShapeDtypeStruct((1, size, size, self.config.in_channels), jnp.float32)
     return jax.eval_shape(lambda a: self.init(jax.random.PRNGKey(0), a), x)["params"]
+
+
+def decode_latents(vae: AutoencoderKL, params: Any, latents_BxhxwxL: jax.Array) -> jax.Array:
+  """Diffusion latents (scaled by the VAE's scaling factor, as samplers make them) -> RGB
+  pixels BxHxWx3, about [-1, 1], fp32. Pure: jit it, or call it inside a jitted step."""
+  raw = vae.config.unscale_latents(latents_BxhxwxL.astype(jnp.float32))
+  return vae.apply({"params": params}, raw, method=AutoencoderKL.decode).astype(jnp.float32)
 
 
 def sample_latent(rng: jax.Array, mean, logvar) -> jax.Array:

@@ -13,6 +13,7 @@ discriminator's new layers are initialised on device.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from d2g_jax import parallel
+from d2g_jax import dtypes, parallel
+from d2g_jax.infra import optim
 from d2g_jax.losses import perceptual
 from d2g_jax.models import discriminator as disc
-from d2g_jax.models.generator import Generator, text_encoder_fn
+from d2g_jax.models.generator import Generator
 from d2g_jax.models.unet import UNet
-from d2g_jax.train import optim
+from d2g_jax.models.vae import decode_latents
 from d2g_jax.train import state as state_lib
 from d2g_jax.train.steps import Objective, train_step
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RECIPES = ("diffusion2gan", "gdd")
 
 
@@ -59,21 +60,11 @@ def check_recipe(config) -> None:
                      "values (configs/gdd_i.py uses it).")
 
 
-def dtype(name: str, what: str):
-  if name not in DTYPES:
-    raise ValueError(f"{what}={name!r}; expected one of {sorted(DTYPES)}")
-  return DTYPES[name]
-
-
 def _decoder(vae, vae_params):
   """(decode(params, latents) -> RGB, decoder params) for pixel LPIPS through a VAE."""
-  from d2g_jax.models.vae import AutoencoderKL
   if vae is None:
     raise ValueError("loss.name='lpips' decodes latents with the teacher's VAE; load it")
-  cfg = vae.config
-  decode = lambda p, lat: vae.apply({"params": p}, cfg.unscale_latents(lat),
-                                    method=AutoencoderKL.decode)
-  return decode, vae_params
+  return functools.partial(decode_latents, vae), vae_params
 
 
 def build_objective(config, teacher, *, time_ids: np.ndarray | None = None,
@@ -81,7 +72,7 @@ def build_objective(config, teacher, *, time_ids: np.ndarray | None = None,
   """(Objective, consts) from `config` (generator, discriminator, loss, objective, train
   blocks) and a loaded teacher (its configs and schedule; its VAE for pixel LPIPS, its
   text encoders when `recompute_text`)."""
-  encode_tokens, text_params = (text_encoder_fn(teacher) if recompute_text else (None, None))
+  encode_tokens, text_params = (teacher.encode_tokens_fn() if recompute_text else (None, None))
   return objective_from_parts(config, teacher.info.unet, teacher.schedule,
                               sdxl=teacher.family == "sdxl", vae=teacher.vae,
                               vae_params=teacher.vae_params, time_ids=time_ids,
@@ -92,10 +83,11 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
                          vae_params=None, time_ids: np.ndarray | None = None,
                          encode_tokens=None, text_params=None) -> tuple[Objective, dict]:
   """`build_objective` from the pieces (a UNet config and a schedule) instead of a loaded
-  teacher folder: benchmarks and ahead-of-time compiles build full-size objectives so."""
-  check_recipe(config)
+  teacher folder: benchmarks and ahead-of-time compiles build full-size objectives so.
+  The config's recipe is checked by the caller first (`check_recipe`: the train stage does it
+  before reading any input)."""
   t, o, d = config.train, config.objective, config.discriminator
-  kw = dict(dtype=dtype(t.dtype, "train.dtype"), param_dtype=jnp.float32,
+  kw = dict(dtype=dtypes.get(t.dtype, "train.dtype"), param_dtype=jnp.float32,
             attention=t.attention, remat=t.remat)
   gen = Generator(UNet(unet_config, **kw), schedule, config.generator.timestep,
                   config.generator.parameterization)
@@ -152,12 +144,8 @@ def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> int:
 def init_fn(obj: Objective):
   """init(key, teacher_unet_params) -> TrainState: G and its EMA from the teacher, D's trunk
   from the teacher and its new layers initialised from `key`."""
-  args = disc.example_inputs(obj.discriminator.unet_config)
-
   def init(key, teacher_params):
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), args)
-    d_params = obj.discriminator.init(jax.random.fold_in(key, 1), *zeros)["params"]
-    d_params = disc.with_teacher_trunk(d_params, teacher_params)
+    d_params = disc.init_params(obj.discriminator, jax.random.fold_in(key, 1), teacher_params)
     return state_lib.create(teacher_params, d_params, obj.g_tx, obj.d_tx, key)
   return init
 

@@ -57,7 +57,7 @@ class TrainInput:
     """Real latents: a batch of records -> {"x", token ids}; pairs: None (as stored)."""
     if not self.real:
       return None
-    tokenize = _tokenizer(teacher)
+    tokenize = teacher.tokenize
 
     def fn(batch: dict) -> dict:
       captions = [str(c) for c in np.asarray(batch["caption"]).reshape(-1)]
@@ -67,7 +67,7 @@ class TrainInput:
   def keys(self, teacher) -> list[str]:
     if not self.real:
       return device_keys(self.manifest["record"], self.recompute_text)
-    return ["x"] + sorted(_tokenizer(teacher)([""]))
+    return ["x"] + sorted(teacher.tokenize([""]))
 
   def dataset(self, teacher, batch_size: int, *, seed: int, verify: str):
     """This host's batches, shuffled and repeating (a grain MapDataset)."""
@@ -83,11 +83,6 @@ class TrainInput:
     fn = self._transform(teacher)
     batch = batch if fn is None else fn(batch)
     return {k: batch[k] for k in self.keys(teacher)}
-
-
-def _tokenizer(teacher):
-  from d2g_jax.evaluate.samplers import tokenize_fn
-  return tokenize_fn(teacher)
 
 
 def _complete(manifest: dict, folder: str, what: str, stage: str) -> None:

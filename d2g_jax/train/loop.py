@@ -24,25 +24,23 @@ SIGTERM (pre-emption, SLURM's requeue) saves the current step and stops cleanly.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import time
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from d2g_jax import parallel
+from d2g_jax.infra import metrics as metrics_lib
+from d2g_jax.infra import optim, preemption, run_config
+from d2g_jax.infra.checkpoint import Checkpointer
 from d2g_jax.log import get_logger
 from d2g_jax.models.unet import init_shapes
 from d2g_jax.teacher import load_teacher
-from d2g_jax.train import build, inputs, optim, run_config, samples
-from d2g_jax.train import metrics as metrics_lib
-from d2g_jax.train.checkpoint import Checkpointer
+from d2g_jax.train import build, inputs, samples
 
-log = get_logger("d2g_jax.train")
+_log = get_logger(__name__)
 
 # Keys that may change between runs of the same workdir: bookkeeping, not the result.
 MUTABLE = ("stages", "distributed", "train.num_steps", "train.log_every", "train.sample_every",
@@ -52,56 +50,6 @@ MUTABLE = ("stages", "distributed", "train.num_steps", "train.log_every", "train
 METRICS_FILE = "metrics.jsonl"
 
 
-def checkpoint_dir(config) -> str:
-  return os.path.join(config.workdir, "checkpoints")
-
-
-class _Stop:
-  """Set by SIGTERM: the loop saves the current step and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      self.requested = True
-      log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
-    try:
-      self._old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-      self._old = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
-class MetricsLog:
-  """<workdir>/metrics.jsonl on process 0: one line per logged step; on resume, lines
-  after the restored step are dropped (they are about to be recomputed)."""
-
-  def __init__(self, workdir: str, start_step: int):
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.enabled = jax.process_index() == 0
-    if self.enabled and os.path.exists(self.path):
-      with open(self.path) as fh:
-        keep = [l for l in fh if l.strip() and json.loads(l)["step"] <= start_step]
-      with open(self.path, "w") as fh:
-        fh.writelines(keep)
-
-  def write(self, step: int, values: dict[str, float]):
-    if self.enabled:
-      with open(self.path, "a") as fh:
-        fh.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, METRICS_FILE)) as fh:
-    return [json.loads(l) for l in fh if l.strip()]
-
-
 def run_train(config) -> dict[str, Any]:
   """The train stage. Returns {"step", "checkpoint_dir", "metrics"} (last logged values)."""
   t = config.train
@@ -109,10 +57,10 @@ def run_train(config) -> dict[str, Any]:
   run_config.ensure(config.workdir, config.to_dict(), ignore=MUTABLE,
                     process_index=jax.process_index())
   data = inputs.open_input(config)
-  ckpt = Checkpointer(checkpoint_dir(config), max_to_keep=t.max_to_keep)
+  ckpt = Checkpointer(t.checkpoint_dir, max_to_keep=t.max_to_keep)
   start = ckpt.latest_step() or 0
   if start >= t.num_steps:
-    log.info("already done: checkpoint %d >= train.num_steps=%d in %s", start,
+    _log.info("already done: checkpoint %d >= train.num_steps=%d in %s", start,
              t.num_steps, ckpt.directory)
     ckpt.close()
     return {"step": start, "checkpoint_dir": str(ckpt.directory), "metrics": {}}
@@ -140,22 +88,22 @@ def run_train(config) -> dict[str, Any]:
   ds = data.dataset(teacher, local_batch, seed=config.seed, verify=t.verify)
   it = iter(ds.to_iter_dataset())
   if fresh:
-    log.info("new run (%s): G and D from the teacher %s; %s", t.recipe,
+    _log.info("new run (%s): G and D from the teacher %s; %s", t.recipe,
              config.teacher.path, inputs.describe(data))
     state = build.create_state(obj, teacher.unet_params, state_sh,
                                jax.random.key(config.seed))
     teacher.unet_params = None  # the generator owns these weights now
   else:
-    log.info("resuming from checkpoint %d in %s", start, ckpt.directory)
+    _log.info("resuming from checkpoint %d in %s", start, ckpt.directory)
     state = ckpt.restore(start, abstract, it)
 
   keys = data.keys(teacher)
   batch_sh = {k: parallel.batch_sharding(mesh) for k in keys}
   step_fns = {r: build.jit_train_step(obj, state_sh, consts_sh, batch_sh, do_r1=r)
               for r in (False, True)}
-  sampler = _Sampler(config, teacher, obj, data, mesh, state_sh, consts_sh)
+  sampler = samples.TrainSamples(config, teacher, obj, data, mesh, state_sh, consts_sh)
   writer = metrics_lib.MetricWriter(os.path.join(config.workdir, "tensorboard"))
-  mlog = MetricsLog(config.workdir, start)
+  mlog = metrics_lib.MetricsLog(config.workdir, start)
   cfg_dict = config.to_dict()
   last: dict[str, float] = {}
   pending = None
@@ -183,7 +131,7 @@ def run_train(config) -> dict[str, Any]:
 
   step = start
   try:
-    with _Stop() as stop:
+    with preemption.StopRequest() as stop:
       for step in range(start, t.num_steps):
         host = next(it)
         batch = parallel.host_to_global({k: host[k] for k in keys}, mesh)
@@ -202,7 +150,7 @@ def run_train(config) -> dict[str, Any]:
           image = sampler(state, consts, done)
           writer.write_images(done, {"samples/teacher_vs_student": image})
         if stop.requested:
-          log.warning("stopped by SIGTERM after step %d (checkpoint saved)", done)
+          _log.warning("stopped by SIGTERM after step %d (checkpoint saved)", done)
           break
       if pending is not None:
         settle(*pending)
@@ -212,7 +160,7 @@ def run_train(config) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   final = int(jax.device_get(state.step))
-  log.info("step %d of %d; checkpoints in %s", final, t.num_steps, ckpt.directory)
+  _log.info("step %d of %d; checkpoints in %s", final, t.num_steps, ckpt.directory)
   return {"step": final, "checkpoint_dir": str(ckpt.directory), "metrics": last}
 
 
@@ -222,45 +170,6 @@ def log_sizes(abstract, t) -> None:
                                     ("D", abstract.d_params, abstract.d_opt, t.d_frozen)):
     n_train, n_frozen = optim.count_frozen(params, frozen)
     size = optim.state_size(opt)
-    log.info("%s: %s trainable and %s frozen parameters (frozen=%r); optimiser state %s "
+    _log.info("%s: %s trainable and %s frozen parameters (frozen=%r); optimiser state %s "
              "values (%.1f MiB)", name, f"{n_train:,}", f"{n_frozen:,}", frozen, f"{size:,}",
              size * 4 / 2**20)
-
-
-class _Sampler:
-  """Every `sample_every` steps: the first `num_samples` examples' latents (the teacher's
-  targets, or real latents for GDD) beside the EMA generator's outputs for their prompts
-  (for GDD from fixed noise, seeded by `config.seed`), decoded with the teacher's VAE, to
-  <workdir>/samples/."""
-
-  def __init__(self, config, teacher, obj, data, mesh, state_sh, consts_sh):
-    self.enabled = bool(config.train.sample_every) and teacher.vae is not None
-    if not self.enabled:
-      return
-    self.folder = os.path.join(config.workdir, "samples")
-    repl = parallel.replicated(mesh)
-    batch = data.examples(teacher, config.train.num_samples)
-    if "z" not in batch:
-      batch["z"] = np.asarray(jax.random.normal(jax.random.key(config.seed), batch["x"].shape,
-                                                np.float32))
-    self.batch = jax.device_put(batch, repl)
-    self.vae_params = jax.device_put(teacher.vae_params, repl)
-    decode = samples.decode_fn(teacher)
-
-    def fn(ema, vae_params, consts, batch):
-      cond = obj.cond(consts, batch)
-      x_hat = obj.generator.apply(ema, batch["z"], cond)
-      return decode(vae_params, batch["x"]), decode(vae_params, x_hat)
-    self.fn = jax.jit(parallel.under_mesh(fn, mesh), in_shardings=(state_sh.g_ema, repl, consts_sh, repl),
-                      out_shardings=repl)
-
-  def __call__(self, state, consts, step: int):
-    if not self.enabled:
-      return None
-    teacher_px, student_px = self.fn(state.g_ema, self.vae_params, consts, self.batch)
-    path = os.path.join(self.folder, f"step_{step:08d}.png")
-    if jax.process_index() == 0:
-      image = samples.write_grid(path, [teacher_px, student_px])
-      log.info("samples (target | student EMA) -> %s", path)
-      return image
-    return None

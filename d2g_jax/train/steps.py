@@ -36,13 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from d2g_jax.infra.optim import ema_update
 from d2g_jax.losses import adversarial as adv
 from d2g_jax.models.discriminator import Discriminator
 from d2g_jax.models.generator import EncodeTokens, Generator, condition
 from d2g_jax.sampling.loop import interleave
-from d2g_jax.train.optim import ema_update
 from d2g_jax.train.state import TrainState
-
 
 NOISE_STREAM = 1  # fold_in(step key, NOISE_STREAM): G's noise when the batch has none
 R1_STREAM = 2    # fold_in(D's key, R1_STREAM): the diffusion noise of R1's rows

@@ -1,4 +1,5 @@
-"""Training metrics: TensorBoard event files from process 0, and a finiteness check.
+"""Training metrics: TensorBoard event files and metrics.jsonl from process 0, and a
+finiteness check.
 
     with metrics.MetricWriter(os.path.join(workdir, "tensorboard")) as writer:
       values = metrics.to_floats(step, device_metrics)   # NonFiniteError on NaN / inf
@@ -12,7 +13,9 @@ does nothing, so the loop can call it unconditionally.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from typing import Any, Mapping
 
@@ -115,3 +118,31 @@ class MetricWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+  """<workdir>/metrics.jsonl on process 0: one line per logged step; on resume, lines
+  after the restored step are dropped (they are about to be recomputed)."""
+
+  def __init__(self, workdir: str, start_step: int):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = jax.process_index() == 0
+    if self.enabled and os.path.exists(self.path):
+      with open(self.path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= start_step]
+      with open(self.path, "w") as fh:
+        fh.writelines(keep)
+
+  def write(self, step: int, values: dict[str, float]):
+    if self.enabled:
+      with open(self.path, "a") as fh:
+        fh.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The lines of <workdir>/metrics.jsonl."""
+  with open(os.path.join(workdir, METRICS_FILE)) as fh:
+    return [json.loads(line) for line in fh if line.strip()]

@@ -39,19 +39,18 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from d2g_jax import files, lock, log, parallel
+from d2g_jax import files, lock, parallel
 from d2g_jax.convert import lpips as convert_lpips
 from d2g_jax.data import source
 from d2g_jax.data.latent_cache import BAPPS_SPLITS, paths
 from d2g_jax.data.writer import sha256_json
+from d2g_jax.infra import checkpoint, metrics, run_config
+from d2g_jax.log import get_logger
 from d2g_jax.models.latent_vgg import LPIPS, VGG16, normalize_channels
 from d2g_jax.models.lpips_rank import RankNet
-from d2g_jax.train import checkpoint, metrics, run_config
-from d2g_jax.log import get_logger
 
-_log = get_logger("d2g_jax.train.latent_vgg_calibrate")
+_log = get_logger(__name__)
 
-logger = log.get_logger(__name__)
 RESULTS = "calibrate_results.json"
 RESTART_IGNORE = ("calibrate.feature_batch_size",)
 
@@ -225,8 +224,7 @@ def run_calibrate(config) -> dict:
   if os.path.isfile(results_path):
     done = files.load_json(results_path, "calibration results")
     if done.get("run_config_sha256") == sha256_json(rc):
-      _log.info(f"already calibrated: val 2AFC {done['val']['mean']:.4f} "
-            f"({results_path})")
+      _log.info("already calibrated: val 2AFC %.4f (%s)", done['val']['mean'], results_path)
       return done
   mesh = parallel.make_mesh()
   os.makedirs(p["calibrate"], exist_ok=True)
@@ -250,16 +248,16 @@ def run_calibrate(config) -> dict:
   tx = optax.adam(lr_schedule(c, steps_per_epoch), b1=c.beta1)
   step_fn = jax.jit(functools.partial(calibrate_step, rank, tx, c.dropout, config.seed),
                     donate_argnums=0)
-  _log.info(f"trunk {trunk_path}; {n} train / {len(feats['val']['judge'])} "
-        f"val triplets, {train['f0'].shape[1]} head weights; {num_epochs} epochs of "
-        f"{steps_per_epoch} steps")
+  _log.info("trunk %s; %s train / %s val triplets, %s head weights; %s epochs of %s steps",
+            trunk_path, n, len(feats['val']['judge']), train['f0'].shape[1], num_epochs,
+            steps_per_epoch)
   with lock.FolderLock(p["calibrate"], process_index=jax.process_index()), \
       checkpoint.Checkpointer(os.path.join(p["calibrate"], "checkpoints"), max_to_keep=2) as ckpt, \
       metrics.MetricWriter(os.path.join(p["calibrate"], "tb")) as writer:
     state = init_state(rank, tx, widths, config.seed, mesh)
     if (latest := ckpt.latest_step()) is not None:
       state = ckpt.restore(latest, checkpoint.abstract_like(state))
-      _log.info(f"resumed at epoch {latest // steps_per_epoch}")
+      _log.info("resumed at epoch %s", latest // steps_per_epoch)
     lo = jax.process_index() * b
     for epoch in range(int(state["step"]) // steps_per_epoch, num_epochs):
       order = np.random.default_rng([config.seed, epoch]).permutation(n)
@@ -273,7 +271,7 @@ def run_calibrate(config) -> dict:
       loss = metrics.to_floats(step, {"loss": jnp.mean(jnp.stack(losses))})["loss"]
       val = scores(np.asarray(jax.device_get(state["params"]["w"])), feats["val"])
       writer.write_scalars(step, {"calibrate/bce": loss, "calibrate/val_2afc": val["mean"]})
-      logger.info("epoch %d/%d: bce %.4f, val 2AFC %.4f", epoch + 1, num_epochs, loss,
+      _log.info("epoch %d/%d: bce %.4f, val 2AFC %.4f", epoch + 1, num_epochs, loss,
                   val["mean"])
       ckpt.save(step, state)
     ckpt.wait()
@@ -291,11 +289,11 @@ def run_calibrate(config) -> dict:
       result["outputs"]["official"] = convert_lpips.export_official(module, params,
                                                                     p["official"])
     except convert_lpips.ConversionError as e:  # narrow trunk, or no torch
-      logger.warning("no official E-LatentLPIPS file: %s", e)
+      _log.warning("no official E-LatentLPIPS file: %s", e)
     files.save_json(result, results_path)
   for s in BAPPS_SPLITS:
     _log.info(f"{s} 2AFC: " + ", ".join(
         f"{k} {v:.4f}" for k, v in result[s]["per_family"].items())
         + f"; mean {result[s]['mean']:.4f} (uncalibrated {result[s]['uncalibrated']['mean']:.4f})")
-  _log.info(f"weights: {p['weights']} (config.loss.weights={p['out']})")
+  _log.info("weights: %s (config.loss.weights=%s)", p['weights'], p['out'])
   return result

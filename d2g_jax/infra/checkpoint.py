@@ -33,9 +33,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from d2g_jax import log
+from d2g_jax.log import get_logger
 
-logger = log.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -100,7 +100,7 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
       args["config"] = ocp.args.JsonSave(config)
-    logger.info("saving checkpoint %d to %s", step, self.directory)
+    _log.info("saving checkpoint %d to %s", step, self.directory)
     # force=True: we decide when to save; Orbax's own policy would skip a step while the
     # previous save is still writing. Orbax waits for that save to finish first.
     return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -130,7 +130,7 @@ class Checkpointer:
       raise ValueError(
           f"checkpoint {folder} does not fit the state this run builds: {e}\nWas it written "
           f"with another model or optimiser config? Use a new workdir for a new config.") from e
-    logger.info("restored checkpoint %d from %s", step, self.directory)
+    _log.info("restored checkpoint %d from %s", step, self.directory)
     return restored["state"]
 
   def restore_partial(self, step: int, abstract_subtree: Any) -> Any:
@@ -155,10 +155,6 @@ class Checkpointer:
       return None
     return self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
-
-  def reached_preemption(self, step: int) -> bool:
-    """True when the cluster signalled pre-emption (all hosts agree): save and exit."""
-    return self._manager.reached_preemption(step)
 
   def wait(self):
     """Blocks until the last save is complete on disk."""

@@ -34,21 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2g_jax import files, lock, log, parallel
+from d2g_jax import dtypes, files, lock, parallel
 from d2g_jax.data import source
-from d2g_jax.data.writer import sha256_json
 from d2g_jax.data.latent_cache import paths
-from d2g_jax.losses import augment as augment_lib
-from d2g_jax.models.latent_vgg import (ENCODERS, LPIPS, LPIPSConfig, VGGConfig,
-                                       merge_batch_stats)
-from d2g_jax.models.latent_vgg_classifier import HEADS, LatentVGGClassifier
-from d2g_jax.train import checkpoint, metrics, run_config
+from d2g_jax.data.writer import sha256_json
+from d2g_jax.infra import checkpoint, metrics, run_config
 from d2g_jax.log import get_logger
+from d2g_jax.losses import augment as augment_lib
+from d2g_jax.models.latent_vgg import ENCODERS, LPIPS, LPIPSConfig, VGGConfig, merge_batch_stats
+from d2g_jax.models.latent_vgg_classifier import HEADS, LatentVGGClassifier
 
-_log = get_logger("d2g_jax.train.latent_vgg")
+_log = get_logger(__name__)
 
-logger = log.get_logger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESULTS = "classify_results.json"
 # Keys a restart may change: how long it trains (the lr schedule is in absolute epochs), how
 # often things are logged, evaluated and kept.
@@ -65,11 +62,10 @@ def make_model(lv, num_classes: int) -> LatentVGGClassifier:
                      f"{sorted(ENCODERS)} (the latent family the weights are for)")
   if t.head not in HEADS:
     raise ValueError(f"config.latent_vgg.train.head={t.head!r}; expected one of {HEADS}")
-  if t.dtype not in DTYPES:
-    raise ValueError(f"config.latent_vgg.train.dtype={t.dtype!r}; expected {sorted(DTYPES)}")
+  dtype = dtypes.get(t.dtype, "config.latent_vgg.train.dtype")
   vgg = VGGConfig.latent(ENCODERS[lv.encoder][0], tuple(lv.widths))
   return LatentVGGClassifier(vgg, num_classes, head=t.head, hidden=t.hidden, dropout=t.dropout,
-                             dtype=DTYPES[t.dtype], bn_momentum=t.bn_momentum)
+                             dtype=dtype, bn_momentum=t.bn_momentum)
 
 
 def lr_schedule(t, steps_per_epoch: int) -> optax.Schedule:
@@ -212,7 +208,7 @@ def _write_outputs(config, model, state, p, result) -> dict:
         model, jax.device_get(params), p["official"], lv.encoder, best_acc1=100 * result["top1"],
         epoch=result["epochs"], num_batches_tracked=result["num_steps"])
   except convert_lpips.ConversionError as e:  # narrow trunk, or no torch
-    logger.warning("no official classifier file: %s", e)
+    _log.warning("no official classifier file: %s", e)
   return outputs
 
 
@@ -226,7 +222,7 @@ def run_train(config) -> dict:
   if os.path.isfile(results_path):
     done = files.load_json(results_path, "classification results")
     if done.get("run_config_sha256") == sha256_json(rc):
-      _log.info(f"already trained: top-1 {done['top1']:.4f} ({results_path})")
+      _log.info("already trained: top-1 %.4f (%s)", done['top1'], results_path)
       return done
   mesh = parallel.make_mesh()
   b = parallel.local_batch_size(t.batch_size, mesh)
@@ -240,9 +236,10 @@ def run_train(config) -> dict:
   tx, schedule = make_optimizer(t, steps_per_epoch)
   if t.augment:
     augment_lib.check_policy(t.augment)
-  _log.info(f"{len(train)} train / {len(held_out)} held-out latents "
-        f"{latent_shape}, {len(classes)} classes; {num_steps} steps of batch {t.batch_size} "
-        f"({num_steps / steps_per_epoch:.2f} epochs) on {mesh.size} devices")
+  _log.info("%s train / %s held-out latents %s, %s classes; %s steps of batch %s (%.2f epochs) on "
+            "%s devices",
+            len(train), len(held_out), latent_shape, len(classes), num_steps, t.batch_size,
+            num_steps / steps_per_epoch, mesh.size)
 
   step_fn = jax.jit(functools.partial(train_step, model, tx, t.augment, t.augment_p,
                                       config.seed, schedule), donate_argnums=0)
@@ -261,13 +258,13 @@ def run_train(config) -> dict:
     state = init_state(model, tx, latent_shape, config.seed, mesh)
     if (latest := ckpt.latest_step()) is not None:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iterator=it)
-      _log.info(f"resumed from step {latest}")
+      _log.info("resumed from step %s", latest)
     first = int(state["step"])
 
     def log_metrics(step, values):
       values = metrics.to_floats(step, values)
       writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
-      logger.info("step %d/%d: %s", step, num_steps,
+      _log.info("step %d/%d: %s", step, num_steps,
                   ", ".join(f"{k} {v:.4g}" for k, v in sorted(values.items())))
 
     pending = None  # step s's metrics are fetched after step s + 1 is dispatched
@@ -301,5 +298,5 @@ def run_train(config) -> dict:
   if jax.process_index() == 0:
     result["outputs"] = _write_outputs(config, model, state, p, result)
     files.save_json(result, results_path)
-  _log.info(f"done: held-out top-1 {result['top1']:.4f}; {results_path}")
+  _log.info("done: held-out top-1 %.4f; %s", result['top1'], results_path)
   return result
