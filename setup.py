@@ -44,6 +44,7 @@ TFDS = ["tensorflow-datasets==4.9.10"]
 
 TEST = DEMO + TFDS + [
     "pytest==9.2.0",
+    "ruff==0.17.6",        # the linter (ruff.toml); CI runs `ruff check .` before the tests
     "elatentlpips==0.2",   # official E-LatentLPIPS, a test-only numerical reference
     "lpips==0.1.4",        # official pixel LPIPS, a test-only numerical reference
     "pywavelets==1.9.0",   # checks the sym6 filter constants of the augmentation resample

@@ -45,12 +45,12 @@ def demo(innate: bool):
   config = config_defaults.gdd(config_defaults.base(), innate=innate)
   config.workdir = os.path.join(base.workdir, "gdd_i" if innate else "gdd")
   config.stages = "real_latents,train,export,demo_report"
-  at_base = lambda s: s.replace("{workdir}", base.workdir)  # the demo's places, not ours
-  config.teacher.path = base.teacher.path or os.path.join(base.workdir, "teacher")
+  places = config_defaults.substitute(base)  # the demo's places, not ours
+  config.teacher.path = places.teacher.path
   # The demo's training digits as class folders 0..9 (its stage digits_lpips_data writes
   # <digits.dir>/perceptual_data/train; the 300 held-out digits are not among them),
   # captioned with the demo's prompt.
-  digits_dir = at_base(base.digits.dir) or os.path.join(base.workdir, "digits")
+  digits_dir = places.digits.dir
   config.real.images = "folder:" + os.path.join(digits_dir, "perceptual_data", "train")
   config.real.caption_template = base.digits.prompt
   config.real.batch_size = 64
@@ -67,8 +67,8 @@ def demo(innate: bool):
   config.pairs.guidance_scale = base.pairs.guidance_scale
   config.pairs.num_steps = base.pairs.num_steps
   config.loss = base.loss
-  config.loss.weights = at_base(base.loss.weights)
-  config.compilation_cache_dir = at_base(base.compilation_cache_dir)
+  config.loss.weights = places.loss.weights
+  config.compilation_cache_dir = places.compilation_cache_dir
   return config
 
 

@@ -14,13 +14,14 @@ from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 from d2g_jax.convert.pipeline import export_pipeline
 from d2g_jax.data.teacher_pairs import teacher_fns
-from d2g_jax.infra import optim, steps
-from d2g_jax.infra import state as state_lib
+from d2g_jax.infra import optim
 from d2g_jax.losses import perceptual
 from d2g_jax.models import discriminator as disc
 from d2g_jax.models.generator import Generator, condition
 from d2g_jax.teacher import load_teacher
 from d2g_jax.tiny import build
+from d2g_jax.train import state as state_lib
+from d2g_jax.train import steps
 
 PROMPTS = ["a photo of the cat", "the cat", "of the cat", ""]
 
