@@ -34,7 +34,7 @@ def get_config():
                    "latent_vgg_calibrate,pairs,train,export,demo_report")
   config.compilation_cache_dir = "{workdir}/xla_cache"
 
-  # The teacher (README "The digits teacher"): measured on this demo, 3000 UNet steps at lr 2e-3
+  # The teacher (docs/demo.md): measured on this demo, 3000 UNet steps at lr 2e-3
   # give 100% of 50-step samples the prompted digit (1500 at 1e-3: 75%).
   config.digits.vae.steps, config.digits.vae.lr = 600, 2e-3
   config.digits.unet.steps, config.digits.unet.lr = 2500, 2e-3
@@ -74,7 +74,7 @@ def get_config():
   config.loss.weights = "{workdir}/latent_vgg"
   # 600 steps of batch 64 (19 passes over the pairs). Tiny models tolerate, and need, far
   # larger steps than SD's 1e-5; with Adam's b1 = 0 (the GAN default) lr 1e-3 made the
-  # regression unstable (training MSE spiking to 9), b1 = 0.9 fixed it (README "The digits demo").
+  # regression unstable (training MSE spiking to 9), b1 = 0.9 fixed it (docs/demo.md).
   config.train.num_steps = 600
   config.train.batch_size = 64
   config.train.g_lr = 1e-3

@@ -11,7 +11,7 @@ text encoders, pooled embeddings and size micro-conditioning are handled by the 
 the pairs' resolution gives the generator's and discriminator's `time_ids`. The state
 (G, its EMA, D and two Adam states: ~72 GB in fp32) is split over 16 chips, and each update
 accumulates 4 microbatches: compiled for 64 v5p chips (16 pairs per chip), each half of the
-step peaks at 81-83 GB of 95 (README "Performance on TPU pods"). On 80 GB GPUs use
+step peaks at 81-83 GB of 95 (docs/performance.md). On 80 GB GPUs use
 --config.train.microbatches=8, or --config.train.remat=True.
 """
 

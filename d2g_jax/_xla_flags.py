@@ -3,7 +3,7 @@
 jaxlib 0.10 sends CPU matmuls and convolutions through YNNPACK fusions by default. On
 the x86 CPUs we measured (AVX2, fp32) that path runs the SD UNet's GEMMs at about half
 the speed of XLA's own Eigen kernels and its 3x3 convolutions about 1.7x slower, so the
-whole UNet forward is ~1.5x slower (README, "Where the CPU time goes"). The flag below
+whole UNet forward is ~1.5x slower (docs/performance.md, "Where the CPU time goes"). The flag below
 turns the YNNPACK fusions off and leaves every other backend (GPU, TPU) untouched.
 
 Rules: a flag the user already put in XLA_FLAGS is never overridden;

@@ -151,7 +151,7 @@ def base() -> ml_collections.ConfigDict:
   c.export.orbax_dir = "{workdir}/export_orbax"  # Orbax copy of the exported UNet params
   c.export.weights = "ema"         # ema | generator
   c.export.dtype = "float32"       # weights of the exported UNet: float32 | float16 | bfloat16
-  # eval: the paper's tables (README "Evaluation"); one block per row, in eval.rows order.
+  # eval: the paper's tables (docs/evaluation.md); one block per row, in eval.rows order.
   c.eval = ml_collections.ConfigDict()
   c.eval.out_dir = "{workdir}/eval"
   c.eval.rows = "teacher,student"  # table rows, each a block below (configs may add blocks)
@@ -258,7 +258,7 @@ def gdd(c: ml_collections.ConfigDict, innate: bool = True) -> ml_collections.Con
   optimiser settings of the GDD authors' ImageNet 64x64 runs (arXiv 2405.20750; official
   code github.com/Zyriix/GDD, train.sh: Adam betas (0, 0.99), eps 1e-8, G lr 8e-6, D lr
   4e-5, R1 gamma 1e-4 every 16 steps, batch 512, 10M images, no warm-up, no clipping).
-  README "GDD and GDD-I" says what differs from the paper and why."""
+  docs/gdd.md says what differs from the paper and why."""
   c.train.recipe = "gdd"
   c.objective.regression_weight = 0.0  # no teacher targets: the GAN loss alone
   c.objective.gan_weight = 1.0

@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -23,3 +25,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: full-size checks (minutes, GBs of RAM); run with `pytest -m slow`")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_unresolved_paths():
+  """A stage given a config that `run.resolve` never saw would write to a folder literally
+  named '{workdir}' under the current directory: fail the session if one appears."""
+  stray = os.path.join(os.getcwd(), "{workdir}")
+  existed = os.path.exists(stray)
+  yield
+  assert existed or not os.path.exists(stray), (
+      f"a test ran a stage on an unresolved config: {stray} was written; pass the config "
+      "through d2g_jax.run.resolve first")

@@ -219,6 +219,6 @@ def test_ensemble_distances_match_official(elatentlpips_pair, policy):
 @pytest.mark.parametrize("policy", _POLICIES)
 def test_ensemble_distances_match_official_many_draws(elatentlpips_pair, policy, kind):
   """Every policy, noise-like and smooth latents, 512 draws per side (`pytest -m slow -s`
-  prints the table in README)."""
+  prints the table in docs/losses.md)."""
   _, dist = elatentlpips_pair
   _check_ensemble(dist, policy, kind, 512)

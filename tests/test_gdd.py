@@ -218,7 +218,7 @@ def test_gdd_i_configs():
   assert (sd15.train.g_lr, sd15.train.d_lr, sd15.objective.r1_gamma, sd15.train.adam_b2) == (
       8e-6, 4e-5, 1e-4, 0.99)
   demo_i = gdd_i.get_config("demo")
-  assert demo_i.teacher.path == (demo.teacher.path or os.path.join(demo.workdir, "teacher"))
+  assert demo_i.teacher.path == os.path.join(demo.workdir, "teacher")  # the demo's, not ours
   for key in ("num_steps", "batch_size", "g_lr", "d_lr", "warmup_steps"):
     assert demo_i.train[key] == demo.train[key], key
   # The demo's digits (its digits_lpips_data stage's training folders), prompt and loss.

@@ -11,7 +11,7 @@ import pytest
 import test_trajectory
 from torch_utils import assert_close_to_scale
 
-from d2g_jax import config_defaults, sampling
+from d2g_jax import config_defaults, run, sampling
 from d2g_jax.data import pairs, shards, source, teacher_pairs
 from d2g_jax.teacher import load_teacher
 from d2g_jax.tiny import build
@@ -43,7 +43,7 @@ def make_config(root, family, **pairs_overrides):
   config.pairs.shard_size = 8
   for k, v in pairs_overrides.items():
     config.pairs[k] = v
-  return config
+  return run.resolve(config)
 
 
 @pytest.fixture(scope="module")

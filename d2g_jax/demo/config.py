@@ -5,7 +5,7 @@ import ml_collections
 
 
 def add_blocks(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  # The digits demo's teacher: stages digits_vae, digits_teacher (README "The digits teacher").
+  # The digits demo's teacher: stages digits_vae, digits_teacher (docs/demo.md).
   c.digits = ml_collections.ConfigDict()
   c.digits.dir = "{workdir}/digits"  # VAE folder, training states
   c.digits.image_size = 32         # pixels (bilinear from 8x8; a multiple of 8)

@@ -2,7 +2,7 @@
 
 Legend: N images, S pixels a side.
 
-The recipe (README "Training E-LatentLPIPS for your VAE") needs labelled images for the
+The recipe (docs/latent_lpips.md) needs labelled images for the
 classification stage and two-alternative forced-choice (2AFC) judgments for the heads.
 For the digits these are made here:
 

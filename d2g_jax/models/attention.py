@@ -13,7 +13,7 @@ H/W height/width, C channels.
             8x8 latents, a batch the mesh does not divide) use "xla";
   "chunked" exact attention, one (example, head) at a time over blocks of queries whose
             score matrix fits a CPU core's L2 (`lax.map`), softmax normalised after the
-            value product: on the 2-core x86 CPU of README's benchmarks, the 4,096-token
+            value product: on the 2-core x86 CPU of docs/performance.md's benchmarks, the 4,096-token
             self-attention of SD 1.5 at 64x64 runs ~6x faster than "xla" and within
             ~15% of PyTorch's fused CPU kernel, in O(block) memory.
 """
