@@ -1,41 +1,18 @@
-"""Preflight: every input of the requested stages checked before any of them starts.
-
-    preflight.check(config, ["pairs", "train", "export"])  # raises PreflightError, or None
-
-`run.run` calls it after `resolve` (paths substituted) and before it takes the workdir lock,
-so a run that cannot finish says so in seconds, with all of its problems at once, instead of
-failing hours in. It reads configs and file-system metadata only: no weights, no datasets.
-Stage by stage (`CHECKS`) it looks at:
-  - the teacher folder and the components the stage loads (`inspect_pipeline`: model_index.json
-    and every component config; the weight files present, not read);
-  - prompt sources (a file exists, a tfds spec parses), image sources, BAPPS folders, the
-    datasets and checkpoints an earlier stage wrote;
-  - loss networks: E-LatentLPIPS / pixel LPIPS weights present (random ones only with
-    loss.allow_random_weights / eval.allow_random_lpips), their latent channels vs the VAE's;
-    the eval networks (Inception, CLIP) and FID references;
-  - outputs: the nearest existing folder of each is writable;
-  - batch sizes against the devices, and the training mesh and microbatches (`check_batch`).
-
-An input that an earlier stage of the same command writes (`outputs`: `train` reads the
-`pairs.out_dir` of a `pairs` stage before it; the demo's `digits_teacher` writes
-`teacher.path`) need not exist yet. Each problem names its config key, what was found and
-what a valid value looks like.
-"""
+"""The kinds of input preflight checks (`Inputs`: a teacher folder, prompts, image sources,
+loss weights, outputs, batch sizes, ...), each adding a `Problem` that names its config key."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
 from d2g_jax.convert import lpips as convert_lpips
 from d2g_jax.convert.core import weight_files
 from d2g_jax.convert.pipeline import PipelineInfo, inspect_pipeline
-from d2g_jax.data import latent_cache
 from d2g_jax.data import shards as fmt
-from d2g_jax.data.bapps import split_folder
 from d2g_jax.models.latent_vgg import ENCODERS
 from d2g_jax.sampling.schedule import ScheduleConfig
 
@@ -45,6 +22,7 @@ PROMPTS = ("a prompt file (.txt: one prompt a line, or .jsonl) or tfds:<name>[/<
            "e.g. tfds:coco_captions/2014/train")
 IMAGES = ("folder:<root> (one subfolder per class), captioned:<root> (x.png + x.txt) or "
           "tfds:<name>[/<config>]/<split>")
+BAPPS = "a BAPPS root holding 2afc/train and 2afc/val"
 LATENT_LOSSES = ("latent_lpips", "e_latent_lpips")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 
@@ -61,48 +39,6 @@ class Problem:
   def __str__(self) -> str:
     return f"{self.key}={self.value!r}: {self.found}" + (
         f"; expected {self.expected}" if self.expected else "")
-
-
-class PreflightError(ValueError):
-  """The inputs of a run have problems; `problems` lists every one."""
-
-  def __init__(self, problems: list[Problem], stages: list[str]):
-    self.problems = tuple(problems)
-    lines = "\n".join(f"  - {p}" for p in self.problems)
-    super().__init__(f"{len(self.problems)} problem(s) with the inputs of stage(s) "
-                     f"{', '.join(stages)}; nothing was started:\n{lines}")
-
-
-def check(config, names: list[str]) -> None:
-  """Raises PreflightError listing every problem of the inputs of stages `names` (in order)."""
-  x = Inputs(config)
-  x.writable("workdir", config.workdir)
-  for name in names:
-    CHECKS.get(name, lambda x: None)(x)
-    x.made += outputs(config, name)
-  problems = list({str(p): p for p in x.problems}.values())  # each once, in order
-  if problems:
-    raise PreflightError(problems, names)
-
-
-def outputs(config, name: str) -> list[str]:
-  """The files and folders stage `name` writes that a later stage may read."""
-  c, p = config, latent_cache.paths(config)
-  cache = c.latent_vgg.cache
-  caches = [(p["train"], cache.train), (p["eval"], cache.eval), (p["bapps_train"], cache.bapps),
-            (p["bapps_val"], cache.bapps)]
-  official = lambda f: os.path.join(p["official"], f.format(encoder=c.latent_vgg.encoder))
-  return {
-      "tiny_teacher": [c.teacher.path], "digits_teacher": [c.teacher.path],
-      "digits_vae": [os.path.join(c.digits.dir, "vae")],
-      "digits_lpips_data": [os.path.join(c.digits.dir, "perceptual_data")],
-      "latent_cache": [folder for folder, spec in caches if spec],
-      "latent_vgg_train": [p["trunk"], p["classifier"], official(convert_lpips.TRUNK_FILE)],
-      "latent_vgg_calibrate": [p["weights"], p["calibrate"], official(convert_lpips.TUNED_FILE)],
-      "pairs": [c.pairs.out_dir], "real_latents": [c.real.out_dir],
-      "train": [c.train.checkpoint_dir], "export": [c.export.out_dir, c.export.orbax_dir],
-      "eval": [c.eval.out_dir],
-  }.get(name, [])
 
 
 class Inputs:
@@ -232,7 +168,7 @@ class Inputs:
     expected = (f"the {encoder or '<encoder>'} E-LatentLPIPS weights: "
                 f"{encoder or '<encoder>'}_latest_vgg16_tuned.pth ({url}), a folder holding it, "
                 f"or the latent_vgg_calibrate stage's latent_vgg.out_dir; or {allow_key}=True to "
-                "use a randomly initialised network on purpose (not the paper's loss)")
+                "use a randomly initialised network on purpose (not E-LatentLPIPS)")
     if not path:
       if not self.config_value(allow_key):
         self.add(key, "empty, so the E-LatentLPIPS network would be randomly initialised",
@@ -319,174 +255,3 @@ class Inputs:
       check_batch(t.batch_size, t.microbatches, mesh)
     except ValueError as e:
       self.add("train.batch_size", str(e))
-
-
-# -------------------------------------------------------------------- the stages
-def _pairs(x: Inputs):
-  c = x.config
-  info = x.teacher("teacher.path", c.teacher.path, ("unet", "text"))
-  x.prompts("pairs.prompts", c.pairs.prompts, "pairs.tfds_data_dir")
-  x.batch("pairs.batch_size", c.pairs.batch_size)
-  f = info.vae.downscale if info else 1
-  for key in ("pairs.height", "pairs.width"):
-    if x.config_value(key) % f:
-      x.add(key, f"not a multiple of the VAE's downscale factor {f}", f"0 (the teacher's "
-            f"default) or a multiple of {f}")
-  x.writable("pairs.out_dir", c.pairs.out_dir)
-
-
-def _train(x: Inputs):
-  from d2g_jax.train.build import check_recipe
-  c = x.config
-  try:
-    check_recipe(c)
-  except ValueError as e:
-    x.add("train.recipe", str(e))
-  gdd = c.train.recipe == "gdd"
-  if gdd:
-    x.dataset("real.out_dir", c.real.out_dir, "real_latents")
-  else:
-    x.dataset("train.pairs", c.train.pairs, "pairs")
-  info = x.teacher("teacher.path", c.teacher.path, ("unet", "vae") + (("text",) if gdd else ()))
-  if c.objective.regression_weight:
-    x.loss(info)
-  x.train_mesh()
-  x.writable("train.checkpoint_dir", c.train.checkpoint_dir)
-
-
-def _checkpoints(x: Inputs, key: str, folder: str):
-  x.folder(key, folder, "the train stage's checkpoints folder: run it first "
-           "(--config.stages=train,...) or point the key at an existing run's")
-
-
-def _export(x: Inputs):
-  c = x.config
-  _checkpoints(x, "train.checkpoint_dir", c.train.checkpoint_dir)
-  x.teacher("teacher.path", c.teacher.path)
-  x.writable("export.out_dir", c.export.out_dir)
-  x.writable("export.orbax_dir", c.export.orbax_dir)
-
-
-def _eval(x: Inputs):
-  from d2g_jax.evaluate import fidelity, samplers
-  from d2g_jax.evaluate import stage as eval_stage
-  c, e = x.config, x.config.eval
-  try:
-    names = eval_stage.rows(c)
-  except ValueError as err:
-    x.add("eval.rows", str(err))
-    names = []
-  infos = []
-  for name in names:
-    row, k, parts = e[name], f"eval.{name}", ("unet", "vae", "text")
-    if row.source == "ddim":
-      key, path = (f"{k}.path", row.path) if row.path else ("teacher.path", c.teacher.path)
-      infos.append(x.teacher(key, path, parts))
-    elif row.source == "one_step":
-      if not row.path:
-        x.add(f"{k}.path", "empty", "the exported student's pipeline folder (the export stage "
-              "writes it to export.out_dir)")
-      else:
-        infos.append(x.teacher(f"{k}.path", row.path, parts))
-    elif row.source == "checkpoint":
-      infos.append(x.teacher("teacher.path", c.teacher.path, parts))
-      _checkpoints(x, f"{k}.path" if row.path else "train.checkpoint_dir",
-                   row.path or c.train.checkpoint_dir)
-    else:
-      x.add(f"{k}.source", "unknown source", f"one of {', '.join(samplers.SOURCES)}")
-  x.prompts("eval.prompts", e.prompts, "eval.tfds_data_dir")
-  if e.fid.inception_weights:
-    x.file("eval.fid.inception_weights", e.fid.inception_weights,
-           "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's weights)")
-  if e.fid.ref_stats:
-    x.file("eval.fid.ref_stats", e.fid.ref_stats, "an .npz with mu and sigma")
-  elif e.fid.ref and not e.fid.ref.startswith("tfds:"):
-    x.folder("eval.fid.ref", e.fid.ref, "a folder of real images or tfds:<name>/<split>")
-  if e.clip.path:
-    x.folder("eval.clip.path", e.clip.path, "a transformers CLIPModel folder")
-  if eval_stage.lpips_needed(c, names):
-    family = infos[0].family if infos and infos[0] is not None else None
-    encoder = e.lpips_encoder or fidelity.LPIPS_ENCODERS.get(family)
-    x.lpips_weights("eval.lpips_weights", e.lpips_weights, encoder, "eval.allow_random_lpips")
-  x.batch("eval.batch_size", e.batch_size)
-  x.writable("eval.out_dir", e.out_dir)
-
-
-def _latent_cache(x: Inputs):
-  lv = x.config.latent_vgg
-  cache = lv.cache
-  if not (cache.train or cache.eval or cache.bapps):
-    x.add("latent_vgg.cache.train", "empty, as are cache.eval and cache.bapps: nothing to encode",
-          IMAGES + "; and/or cache.bapps: a BAPPS root holding 2afc/train and 2afc/val")
-  for key in ("latent_vgg.cache.train", "latent_vgg.cache.eval"):
-    if x.config_value(key):
-      x.images(key, x.config_value(key), "latent_vgg.cache.tfds_data_dir")
-  if cache.bapps and not x.will_exist(cache.bapps):
-    for split in latent_cache.BAPPS_SPLITS:
-      try:
-        split_folder(cache.bapps, split)
-      except FileNotFoundError as e:
-        x.add("latent_vgg.cache.bapps", str(e))
-  x.vae("latent_vgg.vae", lv.vae, lv.encoder, "latent_vgg.encoder")
-  x.batch("latent_vgg.cache.batch_size", cache.batch_size)
-  x.writable("latent_vgg.out_dir", lv.out_dir)
-
-
-def _caches(x: Inputs, names: tuple[str, ...]):
-  p = latent_cache.paths(x.config)
-  for name in names:
-    x.dataset("latent_vgg.out_dir", p[name], "latent_cache")
-
-
-def _latent_vgg_train(x: Inputs):
-  t = x.config.latent_vgg.train
-  _caches(x, ("train", "eval"))
-  x.batch("latent_vgg.train.batch_size", t.batch_size)
-  x.batch("latent_vgg.train.eval_batch_size", t.eval_batch_size)
-  x.writable("latent_vgg.out_dir", x.config.latent_vgg.out_dir)
-
-
-def _latent_vgg_calibrate(x: Inputs):
-  lv = x.config.latent_vgg
-  trunk = lv.calibrate.trunk or latent_cache.paths(x.config)["trunk"]
-  if not (x.will_exist(trunk) or os.path.exists(trunk)):
-    x.add("latent_vgg.calibrate.trunk", f"{trunk} does not exist", "a trunk to calibrate: run "
-          "the latent_vgg_train stage first, or give a trunk file (e.g. an official "
-          f"{lv.encoder}_latent_vgg16.pth.tar)")
-  _caches(x, ("bapps_train", "bapps_val"))
-  x.batch("latent_vgg.calibrate.batch_size", lv.calibrate.batch_size)
-  x.batch("latent_vgg.calibrate.feature_batch_size", lv.calibrate.feature_batch_size)
-  x.writable("latent_vgg.out_dir", lv.out_dir)
-
-
-def _real_latents(x: Inputs):
-  c, r = x.config, x.config.real
-  x.teacher("teacher.path", c.teacher.path, ("vae",))
-  x.images("real.images", r.images, "real.tfds_data_dir")
-  if r.images.startswith("folder:") and not r.caption_template:
-    x.add("real.images", "class folders: gives class labels, not captions", "captioned:<root>, "
-          "tfds with real.caption_key, or class folders with real.caption_template (e.g. "
-          "'a photo of a {}')")
-  x.batch("real.batch_size", r.batch_size)
-  x.writable("real.out_dir", r.out_dir)
-
-
-def _demo_report(x: Inputs):
-  c = x.config
-  info = x.teacher("teacher.path", c.teacher.path, ("unet", "vae", "text"))
-  _checkpoints(x, "train.checkpoint_dir", c.train.checkpoint_dir)
-  x.folder("export.out_dir", c.export.out_dir, "the export stage's folder: run it first")
-  x.loss(info)
-
-
-CHECKS: dict[str, Callable[[Inputs], None]] = {
-    "tiny_teacher": lambda x: x.writable("teacher.path", x.config.teacher.path),
-    "roundtrip": lambda x: x.teacher("teacher.path", x.config.teacher.path, ("unet",)),
-    "digits_vae": lambda x: x.writable("digits.dir", x.config.digits.dir),
-    "digits_teacher": lambda x: x.writable("teacher.path", x.config.teacher.path),
-    "digits_lpips_data": lambda x: x.writable("digits.dir", x.config.digits.dir),
-    "pairs": _pairs, "train": _train, "export": _export, "eval": _eval,
-    "latent_cache": _latent_cache, "latent_vgg_train": _latent_vgg_train,
-    "latent_vgg_calibrate": _latent_vgg_calibrate, "real_latents": _real_latents,
-    "demo_report": _demo_report,
-}
