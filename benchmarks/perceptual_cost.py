@@ -54,7 +54,8 @@ def build(name: str, args):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # random weights are the point here
     if name == "e_latent_lpips":
-      return perceptual.build_loss(name, encoder="sd15", augment=args.augment, dtype=dtype)
+      return perceptual.build_loss(name, encoder="sd15", augment=args.augment, dtype=dtype,
+                                   allow_random_weights=True)
     from d2g_jax.models.vae import AutoencoderKL, VAEConfig
     cfg = VAEConfig.sd()
     vae = AutoencoderKL(cfg, dtype=dtype)
@@ -63,7 +64,7 @@ def build(name: str, args):
     decode = lambda p, lat: vae.apply({"params": p}, cfg.unscale_latents(lat),
                                       method=AutoencoderKL.decode)
     return perceptual.build_loss("lpips", decode=decode, decoder_params=dec["params"],
-                                 lpips_heads=None, dtype=dtype)
+                                 lpips_heads=None, dtype=dtype, allow_random_weights=True)
 
 
 def measure(name: str, args) -> dict:

@@ -70,6 +70,7 @@ def parse_args(argv=None):
 def config_for(args, loss: str):
   config = config_defaults.base()
   config.loss.name = loss
+  config.loss.allow_random_weights = True  # the step's cost, not the loss's values
   config.train.dtype = args.dtype
   config.train.attention = args.attention
   return config

@@ -77,14 +77,17 @@ def base() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "e_latent_lpips"   # mse | pseudo_huber | lpips | latent_lpips | e_latent_lpips
   c.loss.encoder = "sd15"          # E-LatentLPIPS trunk: sd15 | sd21 | sdxl | sd3 | flux
-  c.loss.weights = ""              # E-LatentLPIPS .pth / folder / .safetensors; "" = random (warns)
+  c.loss.weights = ""              # E-LatentLPIPS .pth / folder / .safetensors (required, see below)
   c.loss.augment = "bg"            # augmentation groups of the ensemble: b, g, c, o, bg, bgc, bgco
   c.loss.augment_p = 1.0           # probability multiplier of each augmentation
   c.loss.l1 = True                 # add mean |a - b| as the official package does
   c.loss.huber_c = 0.0             # pseudo_huber c; 0 = 0.00054 * sqrt(H*W*C)
   c.loss.raw_latents = False       # True if the latents are unscaled VAE-encoder outputs
-  c.loss.lpips_vgg = ""            # pixel lpips: torchvision vgg16 state dict; "" = random (warns)
+  c.loss.lpips_vgg = ""            # pixel lpips: torchvision vgg16 state dict (required, see below)
   c.loss.lpips_heads = "default"   # pixel lpips heads; "default" = the lpips package's, "" = none
+  c.loss.allow_random_weights = False  # True: an empty loss.weights (lpips: loss.lpips_vgg) trains
+                                   # with a RANDOMLY initialised loss network instead of failing
+                                   # (tests, benchmarks; never the paper's loss)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.regression_weight = 1.0  # weight of the regression loss in G's objective
@@ -169,7 +172,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval.grid_size = 8             # samples per row in grid.png
   c.eval.step = 0                  # TensorBoard step of the metrics
   c.eval.fidelity_reference = "teacher"  # row whose samples are the ODE solutions ('' = none)
-  c.eval.lpips_weights = ""        # {encoder}_latest_vgg16_tuned.pth ('' = random: not a metric)
+  c.eval.lpips_weights = ""        # {encoder}_latest_vgg16_tuned.pth: fidelity and diversity
+  c.eval.allow_random_lpips = False  # True: without lpips_weights, measure them with a RANDOM
+                                   # LatentLPIPS (not a metric: tests only) instead of failing
   c.eval.lpips_encoder = ""        # '' = from the pipeline family (sd15, sd21, sdxl)
   c.eval.diversity_prompts = 0     # K prompts (the first K captions) for diversity; 0 = off
   c.eval.diversity_seeds = 10      # S samples per diversity prompt

@@ -25,8 +25,10 @@ Stages (config.stages, comma-separated, run in the order given):
                 latent VGG (latent_cache, latent_vgg_train, latent_vgg_calibrate then train it)
   demo_report   the digits demo's demo.png and metrics.json (accuracy, diversity, distances)
 
-The whole run holds a lock on the workdir (and the pairs stage on its output folder):
-a second run on the same folder refuses at once, naming the first.
+Before anything starts, `preflight.check` checks every input of the requested stages and
+lists all of their problems at once. The whole run then holds a lock on the workdir (and the
+pairs stage on its output folder): a second run on the same folder refuses at once, naming
+the first.
 """
 
 from __future__ import annotations
@@ -184,6 +186,8 @@ def run(config: ml_collections.ConfigDict):
     _log.info("process %s of %s, %s local / %s global devices",
               jax.process_index(), jax.process_count(), jax.local_device_count(),
               jax.device_count())
+  from d2g_jax import preflight
+  preflight.check(config, names)  # every input of every stage, before anything is written
   os.makedirs(config.workdir, exist_ok=True)
   if config.compilation_cache_dir:
     import jax

@@ -140,7 +140,7 @@ def main(argv=None):
   histories = {}
   for name in names:
     kw = dict(encoder=args.encoder, weights=args.weights or None, augment=args.augment,
-              l1=not args.no_l1)
+              l1=not args.no_l1, allow_random_weights=True)  # random ones are warned below
     if name == "lpips":
       kw["decode"], kw["decoder_params"] = pixel_decoder(args.vae, target.shape[-1])
       kw["lpips_vgg"] = args.lpips_vgg or None

@@ -56,6 +56,7 @@ def make_config(root):
   e.batch_size, e.shard_size, e.grid_size = 8, 8, 4
   e.fid.inception_weights, e.fid.ref = str(root / "inception.pth"), str(root / "real")
   e.clip.path = str(root / "clip")
+  e.allow_random_lpips = True  # fidelity and diversity with a random LatentLPIPS: no weights here
   return c
 
 

@@ -23,6 +23,7 @@ from d2g_jax.infra import metrics as metrics_lib
 from d2g_jax.infra import optim
 from d2g_jax.models.unet import init_shapes
 from d2g_jax.models.unet_config import UNetConfig
+from d2g_jax.preflight import PreflightError
 from d2g_jax.teacher import load_teacher
 from d2g_jax.train import build, inputs
 
@@ -193,7 +194,7 @@ def test_gdd_objective_and_refusals(root, tmp_path):
     run.run(_gdd_config(root, tmp_path, stages="real_latents",
                         **{"real.images": f"folder:{root / 'images'}",
                            "real.out_dir": str(labels)}))
-  with pytest.raises(FileNotFoundError, match="missing' does not exist"):
+  with pytest.raises(PreflightError, match="real.out_dir=.*missing': no such folder"):
     run.run(_gdd_config(root, tmp_path / "w", stages="train",
                         **{"real.out_dir": str(tmp_path / "missing")}))
   other = tmp_path / "other_teacher"  # latents from another VAE: refused before any work

@@ -25,7 +25,7 @@ LAYERS = (
     ("train", "latent_lpips"),
     ("evaluate", "aot"),
     ("demo",),
-    ("config_defaults", "run", "main"),
+    ("config_defaults", "run", "main", "preflight"),
 )
 
 

@@ -88,6 +88,9 @@ def test_config_and_errors():
   a, b = _pair()
   assert params is None and fn(params, a, b, None) == jnp.mean(perceptual.pseudo_huber(a, b))
   cfg.name, cfg.encoder = "latent_lpips", "sd3"
+  with pytest.raises(ValueError, match="loss.allow_random_weights"):  # no weights: refused
+    perceptual.loss_from_config(cfg)
+  cfg.allow_random_weights = True
   with pytest.warns(RuntimeWarning, match="RANDOMLY"):
     fn, params = perceptual.loss_from_config(cfg)
   assert params["net"]["slice1_0"]["kernel"].shape == (3, 3, 16, 64)

@@ -110,6 +110,9 @@ def _with_train(config, **train) -> Any:
 
 def _objective(config, model: Model, unet_config: UNetConfig):
   build.check_recipe(config)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.loss.allow_random_weights = True  # only the shapes of the loss network matter here
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # random loss-network weights: only shapes matter here
     return build.objective_from_parts(config, unet_config, SD_SCHEDULE, sdxl=model.sdxl,

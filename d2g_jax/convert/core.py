@@ -219,27 +219,23 @@ def _torch_bin_source(files: Sequence[str], description: str) -> TensorSource:
 _BIN_STEMS = {"model": "pytorch_model"}
 
 
-def open_weights(folder: str, stem: str, variant: str | None = None) -> TensorSource:
-  """Opens `<stem>[.<variant>].safetensors`, its sharded index form, or `.bin`.
-
-  `stem` is e.g. `diffusion_pytorch_model` (diffusers) or `model` (transformers).
-  Looks for safetensors first, then PyTorch pickles; with `variant=None` the plain
-  files are preferred and a `fp16` variant is used when it is the only one there.
-  """
+def weight_files(folder: str, stem: str, variant: str | None = None) -> tuple[list[str], str]:
+  """(files, description) of the weights `open_weights` would read, without reading them:
+  `<stem>[.<variant>].safetensors`, its sharded index form, or `.bin` (see there)."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"model folder {folder!r} does not exist")
   variants = [variant] if variant else [None, "fp16"]
   tried = []
   for var in variants:
     name = stem if var is None else f"{stem}.{var}"
-    for ext, opener in ((".safetensors", _safetensors_source), (".bin", _torch_bin_source)):
+    for ext in (".safetensors", ".bin"):
       if ext == ".bin" and stem in _BIN_STEMS:  # transformers: model.safetensors, pytorch_model.bin
         name = _BIN_STEMS[stem] + ("" if var is None else f".{var}")
       single = os.path.join(folder, name + ext)
       index = single + ".index.json"
       tried += [single, index]
       if os.path.isfile(single):
-        return opener([single], single)
+        return [single], single
       if os.path.isfile(index):
         with open(index) as fh:
           weight_map = json.load(fh)["weight_map"]
@@ -247,9 +243,21 @@ def open_weights(folder: str, stem: str, variant: str | None = None) -> TensorSo
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
           raise ConversionError(f"{index} lists shard files that do not exist: {missing}")
-        return opener(files, index)
+        return files, index
   raise FileNotFoundError(
       f"no weights in {folder!r}: looked for " + ", ".join(os.path.basename(t) for t in tried))
+
+
+def open_weights(folder: str, stem: str, variant: str | None = None) -> TensorSource:
+  """Opens `<stem>[.<variant>].safetensors`, its sharded index form, or `.bin`.
+
+  `stem` is e.g. `diffusion_pytorch_model` (diffusers) or `model` (transformers).
+  Looks for safetensors first, then PyTorch pickles; with `variant=None` the plain
+  files are preferred and a `fp16` variant is used when it is the only one there.
+  """
+  files, description = weight_files(folder, stem, variant)
+  opener = _safetensors_source if files[0].endswith(".safetensors") else _torch_bin_source
+  return opener(files, description)
 
 
 # ---------------------------------------------------------------- converting

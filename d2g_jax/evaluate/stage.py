@@ -75,6 +75,29 @@ def eval_prompts(config) -> tuple[list[str], int]:
   return prompts[:n] + [p for p in prompts[:k] for _ in range(s)], n
 
 
+def lpips_needed(config, names: list[str]) -> bool:
+  """Whether the table has a column measured with E-LatentLPIPS: fidelity to the reference
+  row (when another row is there to compare) or diversity."""
+  e = config.eval
+  return bool(e.diversity_prompts) or (e.fidelity_reference in names and len(set(names)) > 1)
+
+
+def check_lpips_weights(config, names: list[str]) -> None:
+  """Raises unless the E-LatentLPIPS the table needs has weights (or a random one is allowed)."""
+  e = config.eval
+  if not lpips_needed(config, names):
+    return
+  if not e.lpips_weights and not e.allow_random_lpips:
+    raise ValueError("config.eval.lpips_weights is empty, but fidelity (eval.fidelity_reference) "
+                     "or diversity (eval.diversity_prompts) is measured with E-LatentLPIPS: "
+                     "give its weights ({encoder}_latest_vgg16_tuned.pth), or set "
+                     "eval.allow_random_lpips=True to measure with a random network (not a "
+                     "metric)")
+  if e.lpips_weights and not os.path.exists(e.lpips_weights):
+    raise FileNotFoundError(f"config.eval.lpips_weights={e.lpips_weights!r} does not exist; give "
+                            "the E-LatentLPIPS weights ({encoder}_latest_vgg16_tuned.pth)")
+
+
 class Metrics:
   """The per-sample networks of the eval step (each None when its metric is off)."""
 
@@ -259,6 +282,7 @@ def run_eval(config) -> dict:
   """The eval stage (see the module docstring). Returns the metrics dict written to JSON."""
   e = config.eval
   names = rows(config)
+  check_lpips_weights(config, names)
   prompts, n = eval_prompts(config)
   _log.info(f"rows {names}; {n} samples per row from {e.prompts}"
         + (f" + {e.diversity_prompts} x {e.diversity_seeds} for diversity"
@@ -270,9 +294,6 @@ def run_eval(config) -> dict:
       _log.info(f"{what} is off (" + {"FID": "set eval.fid.inception_weights",
                                           "CLIP score": "set eval.clip.path",
                                           "DreamSim": "set eval.dreamsim=True"}[what] + ")")
-  if e.lpips_weights and not os.path.exists(e.lpips_weights):
-    raise FileNotFoundError(f"config.eval.lpips_weights={e.lpips_weights!r} does not exist; give "
-                            "the E-LatentLPIPS weights ({encoder}_latest_vgg16_tuned.pth)")
   ref = None  # first, so that a bad reference fails before hours of sampling
   if metrics.inception is not None and jax.process_index() == 0:
     ref = reference_stats(config, metrics)
@@ -285,9 +306,11 @@ def run_eval(config) -> dict:
 
   family = generated[names[0]]["family"]
   encoder = e.lpips_encoder or fidelity_lib.LPIPS_ENCODERS[family]
-  from d2g_jax.convert.lpips import load_latent_lpips
-  lpips_module, lpips_params = load_latent_lpips(e.lpips_weights or None, encoder, augment=None)
-  lpips_distance = fidelity_lib.latent_distance_fn(lpips_module, lpips_params)
+  lpips_distance = None  # only built for the columns that need it
+  if lpips_needed(config, names):
+    from d2g_jax.convert.lpips import load_latent_lpips
+    lpips_module, lpips_params = load_latent_lpips(e.lpips_weights or None, encoder, augment=None)
+    lpips_distance = fidelity_lib.latent_distance_fn(lpips_module, lpips_params)
   results = {}
   for name in names:
     r = {"steps": generated[name]["meta"].get("num_steps", 1)}
@@ -301,7 +324,8 @@ def run_eval(config) -> dict:
             "fid_reference": None if ref is None else ref[2],
             "clip_scale": float(e.clip.scale),
             "lpips": {"encoder": encoder,
-                      "weights": e.lpips_weights or "random (NOT a meaningful metric)"},
+                      "weights": e.lpips_weights or ("random (NOT a meaningful metric)"
+                                                     if lpips_distance else None)},
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
   save_json(report, os.path.join(e.out_dir, "metrics.json"))
   write_tensorboard(os.path.join(e.out_dir, "tb"), results, grid, e.step)

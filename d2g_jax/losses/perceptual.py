@@ -14,7 +14,8 @@ jit-able, chosen by name:
   e_latent_lpips   LatentLPIPS params                       one augmentation draw per sample
 
 `make_loss(name, **kw)` builds the function from modules you hold; `build_loss(name, **kw)` and
-`loss_from_config(config.loss)` also load the weights and return `(loss_fn, params)`.
+`loss_from_config(config.loss)` also load the weights and return `(loss_fn, params)`; a loss
+network without weights (random) is refused unless `allow_random_weights` says it is meant.
 Loss-network params are constants of the training step: never differentiate them or update them.
 """
 
@@ -117,21 +118,37 @@ def build_loss(name: str, *, encoder: str = "sd15", weights: str | None = None,
                augment: str = "bg", augment_p: float = 1.0, l1: bool = True,
                c: float | None = None, raw_latents: bool = False, decode: Decode | None = None,
                decoder_params: Any = None, lpips_vgg: str | None = None,
-               lpips_heads: str | None = "default", dtype=jnp.float32) -> tuple[LossFn, Any]:
+               lpips_heads: str | None = "default", dtype=jnp.float32,
+               allow_random_weights: bool = False) -> tuple[LossFn, Any]:
   """(loss_fn, params) for `name`, loading the loss network's weights where it has one.
 
-  weights: E-LatentLPIPS file or folder (`load_latent_lpips`); None: random (warns).
+  weights: E-LatentLPIPS file or folder (`load_latent_lpips`).
   lpips_vgg / lpips_heads: pixel LPIPS trunk and heads (`load_pixel_lpips`).
+  Without `weights` (lpips: `lpips_vgg`) the loss network would be randomly initialised,
+  which is not the loss of the paper: an error unless `allow_random_weights` (then it warns).
   """
-  from d2g_jax.convert.lpips import load_latent_lpips, load_pixel_lpips
+  from d2g_jax.convert import lpips as convert_lpips
   if name in ("mse", "pseudo_huber"):
     return make_loss(name, c=c), None
+  if not allow_random_weights and name in ("latent_lpips", "e_latent_lpips") and not weights:
+    raise ValueError(f"loss {name!r} has no weights (loss.weights is empty), so its network would "
+                     "be randomly initialised: not the paper's loss. Set loss.weights to the "
+                     f"{encoder} E-LatentLPIPS weights ({encoder}_latest_vgg16_tuned.pth from "
+                     f"{convert_lpips.ELATENTLPIPS_URL}, or the latent_vgg_calibrate stage's "
+                     "output folder), or set loss.allow_random_weights=True to train with a "
+                     "random one on purpose.")
+  if not allow_random_weights and name == "lpips" and not lpips_vgg:
+    raise ValueError("loss 'lpips' has no VGG16 weights (loss.lpips_vgg is empty), so its trunk "
+                     "would be randomly initialised: not LPIPS. Set loss.lpips_vgg to "
+                     f"torchvision's VGG16 state dict ({convert_lpips.TORCHVISION_VGG16_URL}), "
+                     "or set loss.allow_random_weights=True to train with a random one on "
+                     "purpose.")
   if name in ("latent_lpips", "e_latent_lpips"):
-    module, params = load_latent_lpips(weights, encoder, augment=augment, augment_p=augment_p,
-                                       l1=l1, dtype=dtype)
+    module, params = convert_lpips.load_latent_lpips(weights, encoder, augment=augment,
+                                                     augment_p=augment_p, l1=l1, dtype=dtype)
     return make_loss(name, module=module, raw_latents=raw_latents), params
   if name == "lpips":
-    module, params = load_pixel_lpips(lpips_vgg, lpips_heads, dtype=dtype)
+    module, params = convert_lpips.load_pixel_lpips(lpips_vgg, lpips_heads, dtype=dtype)
     return make_loss(name, module=module, decode=decode), {"lpips": params,
                                                            "decoder": decoder_params}
   raise ValueError(f"unknown loss {name!r}; expected one of {NAMES}")
@@ -144,4 +161,5 @@ def loss_from_config(cfg: ml_collections.ConfigDict, decode: Decode | None = Non
                     augment=cfg.augment, augment_p=cfg.augment_p, l1=cfg.l1,
                     c=cfg.huber_c or None, raw_latents=cfg.raw_latents, decode=decode,
                     decoder_params=decoder_params, lpips_vgg=cfg.lpips_vgg or None,
-                    lpips_heads=cfg.lpips_heads or None, dtype=dtype)
+                    lpips_heads=cfg.lpips_heads or None, dtype=dtype,
+                    allow_random_weights=cfg.allow_random_weights)

@@ -46,7 +46,7 @@ _log = get_logger(__name__)
 MUTABLE = ("stages", "distributed", "train.num_steps", "train.log_every", "train.sample_every",
            "train.checkpoint_every", "train.max_to_keep", "train.verify",
            "train.lock_stale_after_s", "export", "pairs.batch_size", "real.batch_size",
-           "real.workers")
+           "real.workers", "loss.allow_random_weights", "eval.allow_random_lpips")
 METRICS_FILE = "metrics.jsonl"
 
 
