@@ -113,3 +113,21 @@ def test_real_preset_summary(preset, readouts, capsys):
   assert len(module.readout_names()) == readouts
   assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
   print(preset, counts)
+
+
+def test_z_path_in_float32_under_bf16():
+  """D in bf16: the z_conv computes in fp32 and its sum with x reaches conv_in in fp32."""
+  cfg = UNetConfig.preset("tiny_sd15")
+  module = disc.Discriminator(cfg, ALL_ON, dtype=jnp.bfloat16)
+  params = disc.init_discriminator(module, teacher_params(cfg), jax.random.key(2))
+  params = jax.tree.map(lambda p: p + 0.01, params)  # z_conv no longer zero
+  x, z, cond, t = inputs(cfg)
+  logits, inter = module.apply({"params": params}, x, z, cond, t,
+                               capture_intermediates=True, mutable=["intermediates"])
+  z_out = inter["intermediates"]["z_conv"]["__call__"][0]
+  assert z_out.dtype == jnp.float32
+  ref = disc.zero_conv(cfg.in_channels, 3, jnp.float32, jnp.float32, "z_conv").apply(
+      {"params": params["z_conv"]}, z)
+  np.testing.assert_allclose(z_out, ref, rtol=1e-6, atol=1e-6)
+  assert inter["intermediates"]["unet"]["conv_in"]["__call__"][0].dtype == jnp.bfloat16
+  assert all(l.dtype == jnp.float32 for l in logits)

@@ -191,3 +191,32 @@ def test_microbatches_accumulate_the_whole_batch_update(pairs):
     assert set(m) == set(ref_m)
     for name in ("d/loss", "d/logit_real", "d/logit_fake", "g/regression", "g/gan"):
       np.testing.assert_allclose(m[name], ref_m[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_generator_head_and_x0_in_float32(prediction_type):
+  """With the UNet's body in bf16, its output head still computes in fp32: the prediction is
+  not on bf16's lattice, and x0 is the fp32 formula applied to that fp32 prediction (a bf16
+  prediction times sqrt((1 - a) / a) ~ 14.6 at t = 999 would put x0 on a coarse lattice)."""
+  from d2g_jax.models.unet import UNet
+  from d2g_jax.models.unet_config import UNetConfig
+  from d2g_jax.sampling.schedule import ScheduleConfig
+  cfg = UNetConfig.preset("tiny_sd15")
+  schedule = ScheduleConfig.stable_diffusion(prediction_type)
+  z = jnp.asarray(randn(0, 2, 16, 16, 4))
+  cond = {"encoder_hidden_states": jnp.asarray(randn(1, 2, 3, cfg.cross_dims[0]))}
+  params = UNet(cfg).init(jax.random.key(0), z, jnp.zeros((2,)), cond["encoder_hidden_states"])
+  gen = Generator(UNet(cfg, dtype=jnp.bfloat16), schedule, timestep=999)
+  pred = jax.jit(gen.unet_output)(params["params"], z, cond)
+  assert pred.dtype == jnp.float32
+  on_bf16_lattice = np.asarray(pred == pred.astype(jnp.bfloat16).astype(jnp.float32))
+  assert on_bf16_lattice.mean() < 0.05, on_bf16_lattice.mean()
+  x0 = np.asarray(jax.jit(gen.apply)(params["params"], z, cond), np.float64)
+  a = float(schedule.alphas_cumprod[999])
+  p, zz = np.asarray(pred, np.float64), np.asarray(z, np.float64)
+  want = ((zz - np.sqrt(1 - a) * p) / np.sqrt(a) if prediction_type == "epsilon"
+          else np.sqrt(a) * zz - np.sqrt(1 - a) * p)
+  np.testing.assert_allclose(x0, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  # The body really is bf16: the same params in fp32 give another prediction.
+  fp32 = Generator(UNet(cfg), schedule, timestep=999)
+  assert not np.allclose(jax.jit(fp32.unet_output)(params["params"], z, cond), pred, atol=1e-4)
