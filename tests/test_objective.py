@@ -220,3 +220,34 @@ def test_generator_head_and_x0_in_float32(prediction_type):
   # The body really is bf16: the same params in fp32 give another prediction.
   fp32 = Generator(UNet(cfg), schedule, timestep=999)
   assert not np.allclose(jax.jit(fp32.unet_output)(params["params"], z, cond), pred, atol=1e-4)
+
+
+def test_every_random_key_of_a_train_step_is_distinct(pairs, monkeypatch):
+  """Named streams never collide: every key one train step derives (fold_in or split, run
+  inside the jitted step, recorded by a callback) is different from every other, with 4
+  microbatches, R1, mix-and-match, diffused D inputs and z drawn in the step (real data)."""
+  teacher, batch = pairs
+  obj, state, consts = make_objective(teacher, microbatches=4, diffuse=True, paired=False,
+                                      mix_fraction=0.5)
+  keys = []
+  record = lambda data: keys.append(tuple(np.asarray(data).ravel().tolist()))
+
+  def recorded(fn):
+    def wrapper(*args, **kw):
+      out = fn(*args, **kw)
+      for k in (out if out.ndim else out[None]):
+        jax.debug.callback(record, jax.random.key_data(k))
+      return out
+    return wrapper
+  monkeypatch.setattr(jax.random, "fold_in", recorded(jax.random.fold_in))
+  monkeypatch.setattr(jax.random, "split", recorded(jax.random.split))
+  unpaired = {k: v for k, v in batch.items() if k != "z"}
+  step = jax.jit(functools.partial(steps.train_step, obj, do_r1=True))
+  _, m = step(state, consts, unpaired)
+  jax.block_until_ready(m)
+  jax.effects_barrier()
+  # step, noise, d, g, r1 (+2 in diffuse), 2 x microbatches, 4 x (microbatch, diffuse (+2))
+  # per update, + mix (+2) per D microbatch
+  assert len(keys) >= 5 + 2 + 2 + 2 * 4 * 4 + 4 * 3, len(keys)
+  duplicates = {k for k in keys if keys.count(k) > 1}
+  assert not duplicates, f"{len(duplicates)} keys drawn for more than one purpose"

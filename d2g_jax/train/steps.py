@@ -42,9 +42,7 @@ from d2g_jax.models.discriminator import Discriminator
 from d2g_jax.models.generator import EncodeTokens, Generator, condition
 from d2g_jax.sampling.loop import interleave
 from d2g_jax.train.state import TrainState
-
-NOISE_STREAM = 1  # fold_in(step key, NOISE_STREAM): G's noise when the batch has none
-R1_STREAM = 2    # fold_in(D's key, R1_STREAM): the diffusion noise of R1's rows
+from d2g_jax.train.streams import microbatch_key, step_key, stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +116,20 @@ def split_microbatches(tree: Any, k: int) -> Any:
 
 def mean_gradients(loss_fn: Callable, params: Any, batch: dict, key: jax.Array,
                    microbatches: int = 1) -> tuple[Any, dict]:
-  """(gradients, aux) of `loss_fn(params, batch, key) -> (loss, aux)`, or with
-  `microbatches` k > 1 their means over k sequential microbatches (a `lax.scan`, microbatch
-  j with key `fold_in(key, j)`): gradient accumulation, the update of the whole batch with
-  1/k of the activation memory. Metrics in `aux` become means over the microbatches."""
+  """(gradients, aux) of `loss_fn(params, batch, key_j) -> (loss, aux)`, or with
+  `microbatches` k > 1 their means over k sequential microbatches (a `lax.scan`): gradient
+  accumulation, the update of the whole batch with 1/k of the activation memory. Metrics in
+  `aux` become means over the microbatches. `key` is an update's "microbatches" stream;
+  microbatch j draws from `microbatch_key(key, j)` (j = 0 without accumulation)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
-    (_, aux), grads = grad_fn(params, batch, key)
+    (_, aux), grads = grad_fn(params, batch, microbatch_key(key, 0))
     return grads, aux
   parts = split_microbatches(batch, microbatches)
 
   def body(total, part_j):
     part, j = part_j
-    (_, aux), grads = grad_fn(params, part, jax.random.fold_in(key, j))
+    (_, aux), grads = grad_fn(params, part, microbatch_key(key, j))
     return jax.tree.map(lambda t, v: t + v.astype(t.dtype), total, (grads, aux)), None
 
   first = jax.tree.map(lambda a: a[0], parts)
@@ -149,7 +148,7 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
   def loss_fn(d_params, part, key):
     cond = obj.cond(consts, part)
     z, x = part["z"], part["x"].astype(jnp.float32)
-    k_mix, k_diff = jax.random.split(key)
+    k_mix, k_diff = stream(key, "mix"), stream(key, "diffuse")
     x_fake = jax.lax.stop_gradient(obj.generator.apply(state.g_params, z, cond))
     x_fake, mm = adv.mix_and_match(k_mix, x, x_fake, obj.mix_fraction)
     (x_real_in, x_fake_in), t_B = obj.d_inputs(k_diff, x, x_fake)
@@ -174,12 +173,12 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
     n = obj.r1_samples
     head = jax.tree.map(lambda a: a[:n], batch)
     cond, z = obj.cond(consts, head), head["z"]
-    (x_in,), t_B = obj.d_inputs(jax.random.fold_in(key, R1_STREAM),
-                                head["x"].astype(jnp.float32))
+    (x_in,), t_B = obj.d_inputs(stream(key, "r1"), head["x"].astype(jnp.float32))
     score = lambda xs: adv.per_sample_score(obj.apply_d(d_params, xs, z, cond, t_B))
     return adv.r1_penalty(score, x_in)
 
-  grads, metrics = mean_gradients(loss_fn, state.d_params, batch, key, obj.microbatches)
+  grads, metrics = mean_gradients(loss_fn, state.d_params, batch, stream(key, "microbatches"),
+                                  obj.microbatches)
   if do_r1:
     weight = adv.r1_weight(obj.r1_gamma, obj.r1_interval)
     r1, r1_grads = jax.value_and_grad(r1_fn)(state.d_params)
@@ -199,7 +198,7 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
   def loss_fn(g_params, part, key):
     cond = obj.cond(consts, part)
     z, x = part["z"], part["x"].astype(jnp.float32)
-    k_reg, k_diff = jax.random.split(key)
+    k_reg, k_diff = stream(key, "regression"), stream(key, "diffuse")
     x_hat = obj.generator.apply(g_params, z, cond)
     loss, aux = 0.0, {}
     if obj.regression_weight:
@@ -214,7 +213,8 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
       aux["g/mse"] = jnp.mean(jnp.square(x_hat - x))
     return loss, aux
 
-  grads, metrics = mean_gradients(loss_fn, state.g_params, batch, key, obj.microbatches)
+  grads, metrics = mean_gradients(loss_fn, state.g_params, batch, stream(key, "microbatches"),
+                                  obj.microbatches)
   updates, g_opt = obj.g_tx.update(grads, state.g_opt, state.g_params)
   g_params = optax.apply_updates(state.g_params, updates)
   g_ema = ema_update(state.g_ema, g_params, obj.ema_decay)
@@ -227,14 +227,14 @@ def train_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
                do_r1: bool = False) -> tuple[TrainState, dict]:
   """The discriminator update, then the generator update; step + 1.
 
-  Step i's randomness is `fold_in(state.rng, i)`, split between the two updates; a batch
-  without "z" (real data) gets its noise from `fold_in` of the same key, shared by both.
-  D is skipped when gan_weight is 0 (pure regression).
+  Step i's randomness is `step_key(state.rng, i)`, with a named stream (train/streams.py)
+  for each update; a batch without "z" (real data) gets its noise from the step's "noise"
+  stream, shared by both. D is skipped when gan_weight is 0 (pure regression).
   """
-  key = jax.random.fold_in(state.rng, state.step)
-  k_d, k_g = jax.random.split(key)
+  key = step_key(state.rng, state.step)
+  k_d, k_g = stream(key, "d"), stream(key, "g")
   if "z" not in batch:
-    z = jax.random.normal(jax.random.fold_in(key, NOISE_STREAM), batch["x"].shape, jnp.float32)
+    z = jax.random.normal(stream(key, "noise"), batch["x"].shape, jnp.float32)
     batch = {**batch, "z": z}
   metrics = {}
   if obj.gan_weight:
