@@ -165,9 +165,10 @@ def test_split_microbatches_keeps_each_devices_rows():
     steps.split_microbatches({"x": a}, 5)
 
 
-def test_microbatches_accumulate_the_whole_batch_update(pairs):
-  """Gradient accumulation: with SGD at lr 1 the update is minus the gradient, and 2 or 4
-  microbatches give the whole batch's D and G updates (R1 included) and its metrics. No
+def test_microbatches_accumulate_the_whole_batch_update_with_r1(pairs):
+  """Gradient accumulation: with SGD at lr 1 the update is minus the gradient, and 4
+  microbatches give the whole batch's D and G updates and its metrics, with R1 on: R1 runs
+  once, on the batch's first rows, and is added once to the accumulated mean. No
   mix-and-match: it pairs rows inside a microbatch, so it differs by design."""
   import optax
   teacher, batch = pairs
@@ -175,22 +176,47 @@ def test_microbatches_accumulate_the_whole_batch_update(pairs):
   runs = {}
   for k in (1, 4):
     obj, state, consts = make_objective(teacher, mix_fraction=0.0, microbatches=k,
-                                        g_tx=sgd, d_tx=sgd)
-    new, m = jax.jit(functools.partial(steps.train_step, obj))(state, consts, batch)
+                                        g_tx=sgd, d_tx=sgd, r1_gamma=100.0)  # R1 ~ the GAN term
+    new, m = jax.jit(functools.partial(steps.train_step, obj, do_r1=True))(state, consts, batch)
     runs[k] = (jax.device_get(new), jax.device_get(m))
   (ref, ref_m), old = runs[1], jax.device_get(state)
-  for k in (4,):
-    new, m = runs[k]
-    for part in ("d_params", "g_params"):
-      want = jax.tree.leaves(jax.tree.map(np.subtract, getattr(ref, part), getattr(old, part)))
-      got = jax.tree.leaves(jax.tree.map(np.subtract, getattr(new, part), getattr(old, part)))
-      scale = max(np.abs(w).max() for w in want)
-      assert scale > 0
-      err = max(np.abs(g - w).max() for g, w in zip(got, want))
-      assert err <= 1e-4 * scale, (k, part, err, scale)
-    assert set(m) == set(ref_m)
-    for name in ("d/loss", "d/logit_real", "d/logit_fake", "g/regression", "g/gan"):
-      np.testing.assert_allclose(m[name], ref_m[name], rtol=1e-4, atol=1e-6, err_msg=name)
+  assert ref_m["d/r1"] > 0
+  new, m = runs[4]
+  for part in ("d_params", "g_params"):
+    want = jax.tree.leaves(jax.tree.map(np.subtract, getattr(ref, part), getattr(old, part)))
+    got = jax.tree.leaves(jax.tree.map(np.subtract, getattr(new, part), getattr(old, part)))
+    scale = max(np.abs(w).max() for w in want)
+    assert scale > 0
+    err = max(np.abs(g - w).max() for g, w in zip(got, want))
+    assert err <= 1e-4 * scale, (part, err, scale)
+  assert set(m) == set(ref_m)
+  for name in ("d/loss", "d/r1", "d/logit_real", "d/logit_fake", "d/grad_norm", "g/regression",
+               "g/gan"):
+    np.testing.assert_allclose(m[name], ref_m[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_ema_is_exact_over_three_steps(pairs):
+  """g_ema after three steps is d^3 g_0 + (1 - d)(d^2 g_1 + d g_2 + g_3), g_i the generator
+  after step i (d = 0.9, computed here in float64), and far from both g_0 and g_3."""
+  import optax
+  teacher, batch = pairs
+  d = 0.9
+  obj, state, consts = make_objective(teacher, gan_weight=0.0, g_tx=optax.sgd(1e-3),
+                                      ema_decay=d)
+  step = jax.jit(functools.partial(steps.train_step, obj))
+  f64 = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+  g = [f64(state.g_params)]
+  for _ in range(3):
+    state, _ = step(state, consts, batch)
+    g.append(f64(state.g_params))
+  want = [d**3 * a + (1 - d) * (d**2 * b + d * c + e) for a, b, c, e in zip(*g)]
+  got = f64(state.g_ema)
+  scale = max(np.abs(w).max() for w in want)
+  err = max(np.abs(x - w).max() for x, w in zip(got, want))
+  moved = max(np.abs(w - a).max() for w, a in zip(want, g[0]))
+  behind = max(np.abs(w - e).max() for w, e in zip(want, g[3]))
+  assert err <= 1e-6 * scale, (err, scale)
+  assert min(moved, behind) > 1e3 * err and min(moved, behind) > 1e-4 * scale, (moved, behind)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
