@@ -277,3 +277,33 @@ def test_every_random_key_of_a_train_step_is_distinct(pairs, monkeypatch):
   assert len(keys) >= 5 + 2 + 2 + 2 * 4 * 4 + 4 * 3, len(keys)
   duplicates = {k for k in keys if keys.count(k) > 1}
   assert not duplicates, f"{len(duplicates)} keys drawn for more than one purpose"
+
+
+def test_sdxl_auto_generator_is_diffusers_ddim_x0(tmp_path):
+  """SDXL with the default parameterization "auto" (the teacher predicts epsilon): G(z, c) is
+  the x0 diffusers' DDIMScheduler computes (`pred_original_sample`) from its UNet's
+  prediction at t = 999 from the same noise, with SDXL's scheduler settings."""
+  from test_unet import inputs as unet_inputs
+  from test_unet import make_diffusers_unet
+
+  from d2g_jax.convert.unet import load_unet
+  from d2g_jax.sampling.schedule import ScheduleConfig
+  model = make_diffusers_unet("tiny_sdxl", str(tmp_path))
+  unet, params = load_unet(str(tmp_path))
+  scheduler = diffusers.DDIMScheduler(  # SDXL base's scheduler_config.json values
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+      set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+      prediction_type="epsilon")
+  gen = Generator(unet, ScheduleConfig.from_diffusers(dict(scheduler.config)))
+  assert gen.parameterization == "auto" and gen.prediction_type == "epsilon"
+  z, _, ctx, added = unet_inputs(unet.config)
+  cond = {"encoder_hidden_states": jnp.asarray(ctx),
+          "added_cond_kwargs": {k: jnp.asarray(v) for k, v in added.items()}}
+  ours = jax.jit(gen.apply)(params, jnp.asarray(z), cond)
+  scheduler.set_timesteps(1)
+  sample = torch.from_numpy(nchw(z))
+  with torch.no_grad():
+    eps = model(sample, 999, torch.from_numpy(ctx), added_cond_kwargs={
+        k: torch.from_numpy(v) for k, v in added.items()}).sample
+    ref = scheduler.step(eps, 999, sample).pred_original_sample
+  assert_close_to_scale(ours, nhwc(ref), 1e-4)
