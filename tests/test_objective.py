@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import test_trajectory
 import torch
+from flax import traverse_util
 from torch_utils import assert_close_to_scale, nchw, nhwc, randn
 
 from d2g_jax.convert.pipeline import export_pipeline
@@ -108,7 +109,7 @@ def make_objective(teacher, regression="mse", **kw):
   args.update(kw)
   obj = steps.Objective(gen, d_module, **args)
   d_params = disc.init_discriminator(d_module, teacher.unet_params, jax.random.key(1))
-  state = jax.jit(lambda g, d: state_lib.create(g, d, g_tx, d_tx, jax.random.key(2)))(
+  state = jax.jit(lambda g, d: state_lib.create(g, d, obj.g_tx, obj.d_tx, jax.random.key(2)))(
       teacher.unet_params, d_params)
   return obj, state, {"loss": loss_params}
 
@@ -307,3 +308,42 @@ def test_sdxl_auto_generator_is_diffusers_ddim_x0(tmp_path):
         k: torch.from_numpy(v) for k, v in added.items()}).sample
     ref = scheduler.step(eps, 999, sample).pred_original_sample
   assert_close_to_scale(ours, nhwc(ref), 1e-4)
+
+
+def test_frozen_parameters_get_no_gradient(pairs):
+  """GDD-I (g_frozen="gdd_i"): G's gradient is taken for the trainable parameters only. The
+  update equals the one made from the whole gradient by the optimiser's mask (before the
+  split) on the trainable parameters, the frozen ones stay bit-identical, g/grad_norm is the
+  trainable gradient's norm (SGD at lr 1: the update's), and the traced step has fewer
+  convolutions (no weight gradients for the frozen ones)."""
+  import optax
+  teacher, batch = pairs
+  labels = lambda p: optim.path_labels(p, "gdd_i")
+  tx = optax.multi_transform({optim.TRAIN: optax.sgd(1e-3), optim.FROZEN: optax.set_to_zero()},
+                             labels)
+  runs = {}
+  for frozen in ("", "gdd_i"):
+    obj, state, consts = make_objective(teacher, gan_weight=0.0, g_tx=tx, g_frozen=frozen)
+    fn = functools.partial(steps.train_step, obj)
+    convs = str(jax.make_jaxpr(fn)(state, consts, batch)).count("conv_general_dilated")
+    new, m = jax.jit(fn)(state, consts, batch)
+    runs[frozen] = (jax.device_get(new.g_params), jax.device_get(m), convs)
+  old = traverse_util.flatten_dict(jax.device_get(state.g_params), sep="/")
+  (before, m_before, convs_before), (after, m_after, convs_after) = runs[""], runs["gdd_i"]
+  before = traverse_util.flatten_dict(before, sep="/")
+  after = traverse_util.flatten_dict(after, sep="/")
+  is_frozen = traverse_util.flatten_dict(labels(state.g_params), sep="/")
+  scale = max(np.abs(before[k] - old[k]).max() for k in old)
+  assert scale > 0
+  sq = 0.0
+  for k in old:
+    if is_frozen[k] == optim.FROZEN:
+      np.testing.assert_array_equal(after[k], old[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(after[k] - old[k], before[k] - old[k], rtol=0,
+                                 atol=1e-5 * scale, err_msg=k)
+      sq += np.sum(np.square((after[k] - old[k]) / 1e-3, dtype=np.float64))
+  np.testing.assert_allclose(m_after["g/grad_norm"], np.sqrt(sq), rtol=1e-4)
+  assert m_before["g/grad_norm"] > 1.01 * m_after["g/grad_norm"]  # it counted frozen leaves
+  np.testing.assert_allclose(m_after["g/loss"], m_before["g/loss"], rtol=1e-6)
+  assert convs_after < convs_before, (convs_after, convs_before)

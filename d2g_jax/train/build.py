@@ -125,7 +125,8 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
       diffuse=d.diffuse, diffuse_t_min=d.diffuse_t_min, diffuse_t_max=d.diffuse_t_max,
       sdxl=sdxl, time_ids=None if time_ids is None else tuple(float(v) for v in
                                                                np.ravel(time_ids)),
-      encode_tokens=encode_tokens, paired=t.recipe != "gdd", microbatches=t.microbatches)
+      encode_tokens=encode_tokens, paired=t.recipe != "gdd", microbatches=t.microbatches,
+      g_frozen=t.g_frozen, d_frozen=t.d_frozen)
   return obj, {"loss": loss_params, "text": text_params}
 
 

@@ -22,6 +22,9 @@ interleaved per example so that a batch sharded over devices stays in place. Wit
 `do_r1`, the single-sample R1 penalty (weight interval * gamma / 2) is added.
 With `microbatches` k > 1 both updates average their gradients over k sequential parts of
 the batch (`mean_gradients`); R1 is its own gradient on the batch's first rows either way.
+Frozen parameters (`g_frozen` / `d_frozen`, GDD-I's "gdd_i") are constants of the loss:
+gradients are taken with respect to the trainable ones only, so the backward pass does no
+work for the rest, and `grad_norm` is the trainable gradients' norm.
 Generator update: regression_weight * regression(G(z, c), x) + gan_weight * NS-GAN(D(G(z,
 c), z, c)) with D's just-updated params, then the EMA.
 """
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2g_jax.infra.optim import ema_update
+from d2g_jax.infra.optim import ema_update, split_frozen
 from d2g_jax.losses import adversarial as adv
 from d2g_jax.models.discriminator import Discriminator
 from d2g_jax.models.generator import EncodeTokens, Generator, condition
@@ -71,6 +74,8 @@ class Objective:
   encode_tokens: EncodeTokens | None = None  # recompute embeddings from token ids
   paired: bool = True            # x is the teacher's solution from z (False: real data, GDD)
   microbatches: int = 1          # gradient accumulation: each update over k sequential parts
+  g_frozen: str = ""             # G's / D's frozen parameters (infra.optim patterns, the same
+  d_frozen: str = ""             # as their optimisers'): no gradient computed for them
 
   def cond(self, consts, batch) -> dict:
     time_ids = None if self.time_ids is None else np.asarray(self.time_ids, np.float32)
@@ -177,14 +182,16 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
     score = lambda xs: adv.per_sample_score(obj.apply_d(d_params, xs, z, cond, t_B))
     return adv.r1_penalty(score, x_in)
 
-  grads, metrics = mean_gradients(loss_fn, state.d_params, batch, stream(key, "microbatches"),
-                                  obj.microbatches)
+  trainable, join = split_frozen(state.d_params, obj.d_frozen)
+  grads, metrics = mean_gradients(lambda p, part, k: loss_fn(join(p), part, k), trainable, batch,
+                                  stream(key, "microbatches"), obj.microbatches)
   if do_r1:
     weight = adv.r1_weight(obj.r1_gamma, obj.r1_interval)
-    r1, r1_grads = jax.value_and_grad(r1_fn)(state.d_params)
+    r1, r1_grads = jax.value_and_grad(lambda p: r1_fn(join(p)))(trainable)
     grads = jax.tree.map(lambda g, r: g + weight * r, grads, r1_grads)
     metrics["d/r1"], metrics["d/loss"] = r1, metrics["d/loss"] + weight * r1
-  updates, d_opt = obj.d_tx.update(grads, state.d_opt, state.d_params)
+  updates, d_opt = obj.d_tx.update(join(grads, frozen_as_zeros=True), state.d_opt,
+                                   state.d_params)
   d_params = optax.apply_updates(state.d_params, updates)
   metrics["d/grad_norm"] = optax.tree.norm(grads)
   metrics["d/lr"] = jnp.asarray(obj.d_lr(state.step), jnp.float32)
@@ -213,9 +220,11 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
       aux["g/mse"] = jnp.mean(jnp.square(x_hat - x))
     return loss, aux
 
-  grads, metrics = mean_gradients(loss_fn, state.g_params, batch, stream(key, "microbatches"),
-                                  obj.microbatches)
-  updates, g_opt = obj.g_tx.update(grads, state.g_opt, state.g_params)
+  trainable, join = split_frozen(state.g_params, obj.g_frozen)
+  grads, metrics = mean_gradients(lambda p, part, k: loss_fn(join(p), part, k), trainable, batch,
+                                  stream(key, "microbatches"), obj.microbatches)
+  updates, g_opt = obj.g_tx.update(join(grads, frozen_as_zeros=True), state.g_opt,
+                                   state.g_params)
   g_params = optax.apply_updates(state.g_params, updates)
   g_ema = ema_update(state.g_ema, g_params, obj.ema_decay)
   metrics["g/grad_norm"] = optax.tree.norm(grads)
