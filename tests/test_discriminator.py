@@ -113,3 +113,61 @@ def test_real_preset_summary(preset, readouts, capsys):
   assert len(module.readout_names()) == readouts
   assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
   print(preset, counts)
+
+
+def test_z_path_in_float32_under_bf16():
+  """D in bf16: the z_conv computes in fp32 and its sum with x reaches conv_in in fp32."""
+  cfg = UNetConfig.preset("tiny_sd15")
+  module = disc.Discriminator(cfg, ALL_ON, dtype=jnp.bfloat16)
+  params = disc.init_discriminator(module, teacher_params(cfg), jax.random.key(2))
+  params = jax.tree.map(lambda p: p + 0.01, params)  # z_conv no longer zero
+  x, z, cond, t = inputs(cfg)
+  logits, inter = module.apply({"params": params}, x, z, cond, t,
+                               capture_intermediates=True, mutable=["intermediates"])
+  z_out = inter["intermediates"]["z_conv"]["__call__"][0]
+  assert z_out.dtype == jnp.float32
+  ref = disc.zero_conv(cfg.in_channels, 3, jnp.float32, jnp.float32, "z_conv").apply(
+      {"params": params["z_conv"]}, z)
+  np.testing.assert_allclose(z_out, ref, rtol=1e-6, atol=1e-6)
+  assert inter["intermediates"]["unet"]["conv_in"]["__call__"][0].dtype == jnp.bfloat16
+  assert all(l.dtype == jnp.float32 for l in logits)
+
+
+def test_readouts_at_their_documented_places(setup):
+  """Each readout reads its decoder scale where the docs say, checked against the UNet's own
+  modules' inputs and outputs (recorded by a method interceptor, not D's feature tuple):
+  `pre` = what enters up block k, `cat` = what enters its first resnet (that plus the first
+  skip, concatenated), `out` = what enters its upsampler (the last block: what it returns).
+  And D's output depends on the prompt: every readout changes with encoder_hidden_states."""
+  from flax import linen as nn
+  cfg, _, module, params = setup
+  params = jax.tree.map(lambda p: p + 0.01, params)  # zero convs switched on
+  x, z, cond, t = inputs(cfg)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__":
+      seen[context.module.path] = (args, out)
+    return out
+  with nn.intercept_methods(record):
+    logits = module.apply({"params": params}, x, z, cond, t)
+  n = cfg.num_blocks
+  for k in range(n):
+    block = ("unet", f"up_blocks_{k}")
+    pre = seen[block][0][0]
+    cat = seen[block + ("resnets_0",)][0][0]
+    out = seen[block + ("upsamplers_0",)][0][0] if k < n - 1 else seen[block][1][0]
+    assert cat.shape[-1] > pre.shape[-1]
+    np.testing.assert_array_equal(cat[..., :pre.shape[-1]], pre)  # pre, then the skip
+    for place, want in zip(disc.PLACES, (pre, cat, out)):
+      got = seen[(f"readout_{k}_{place}",)][0][0]
+      assert got.shape == want.shape, (k, place, got.shape, want.shape)
+      np.testing.assert_array_equal(got, want, err_msg=f"readout_{k}_{place}")
+  names = module.readout_names()
+  for name, l in zip(names, logits):
+    np.testing.assert_array_equal(l, seen[(name,)][1], err_msg=name)
+
+  other = dict(cond, encoder_hidden_states=cond["encoder_hidden_states"][::-1])
+  for name, a, b in zip(names, logits, module.apply({"params": params}, x, z, other, t)):
+    assert not np.allclose(a, b, atol=1e-5), f"{name} ignores the prompt"

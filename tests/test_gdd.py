@@ -93,6 +93,65 @@ def test_gdd_i_preset_on_real_unets():
   assert 0.855 < fractions["sd15"] < 0.865
 
 
+def _architecture_counts(c: UNetConfig) -> dict:
+  """How many layers of each kind a UNet of config `c` has, from its block structure."""
+  n, layers = c.num_blocks, c.layers
+  up_resnets = [layers[n - 1 - k] + 1 for k in range(n)]  # each eats one skip (a concatenation)
+  resnets = sum(layers) + 2 + sum(up_resnets)             # down, mid (2), up
+  width_changes = sum(c.block_out_channels[i] != c.block_out_channels[max(i - 1, 0)]
+                      for i in range(n))                  # a down block's first resnet
+  shortcuts = width_changes + sum(up_resnets)             # + every up resnet (wider input)
+  blocks = [c.down_transformer_layers[i] * layers[i] for i in range(n)
+            if c.down_block_types[i] == "CrossAttnDownBlock2D"]
+  blocks += [c.down_transformer_layers[-1]]               # mid
+  blocks += [sum(c.up_transformer_layers[k][:up_resnets[k]]) for k in range(n)
+             if c.up_block_types[k] == "CrossAttnUpBlock2D"]
+  transformers = sum(layers[i] for i in range(n) if c.down_block_types[i] ==
+                     "CrossAttnDownBlock2D") + 1 + sum(up_resnets[k] for k in range(n) if
+                                                       c.up_block_types[k] == "CrossAttnUpBlock2D")
+  return dict(resnets=resnets, shortcuts=shortcuts, transformers=transformers,
+              blocks=sum(blocks), samplers=n - 1, sdxl=c.addition_embed_type == "text_time")
+
+
+@pytest.mark.parametrize("preset", ["tiny_sd15", "tiny_sdxl"])
+def test_gdd_i_freezes_what_gdd_freezes_per_layer_kind(preset):
+  """GDD's rule written out here, per layer kind (not the preset's regex): norms, time
+  embeddings, attention q/k/v and the 1x1 skip convs train, and so do conv_in / conv_out
+  (outside the blocks the rule applies to); every other weight layer is frozen. The number
+  of layers of each kind, trainable or frozen, is counted from the architecture."""
+  t, f = optim.TRAIN, optim.FROZEN
+  a = _architecture_counts(UNetConfig.preset(preset))
+  r, tb = a["resnets"], a["blocks"]
+  want = {("resnets", "conv1"): (f, r), ("resnets", "conv2"): (f, r),
+          ("resnets", "norm1"): (t, r), ("resnets", "norm2"): (t, r),
+          ("resnets", "time_emb_proj"): (t, r), ("resnets", "conv_shortcut"): (t, a["shortcuts"]),
+          ("attentions", "norm"): (t, a["transformers"]),
+          ("attentions", "proj_in"): (f, a["transformers"]),
+          ("attentions", "proj_out"): (f, a["transformers"]),
+          ("transformer_blocks", "norm1"): (t, tb), ("transformer_blocks", "norm2"): (t, tb),
+          ("transformer_blocks", "norm3"): (t, tb),
+          ("attn", "to_q"): (t, 2 * tb), ("attn", "to_k"): (t, 2 * tb),
+          ("attn", "to_v"): (t, 2 * tb), ("attn", "to_out"): (f, 2 * tb),
+          ("net", "proj"): (f, tb), ("ff", "net"): (f, tb),  # feed-forward: net_0/proj, net_2
+          ("downsamplers", "conv"): (f, a["samplers"]), ("upsamplers", "conv"): (f, a["samplers"]),
+          ("time_embedding", "linear"): (t, 2),
+          ("", "conv_in"): (t, 1), ("", "conv_norm_out"): (t, 1), ("", "conv_out"): (t, 1)}
+  if a["sdxl"]:
+    want[("add_embedding", "linear")] = (t, 2)
+  params = init_shapes(UNetConfig.preset(preset))
+  labels = traverse_util.flatten_dict(optim.path_labels(params, "gdd_i"))
+  # resnets_0 -> resnets, attn1/attn2 -> attn; conv1, norm1 stay
+  strip = lambda name: re.sub(r"(_\d+|(?<=^attn)\d)$", "", name)
+  got = {}  # kind -> {label: set of layers}
+  for path, label in labels.items():
+    layer = path[:-1]
+    kind = (strip(layer[-2]) if len(layer) > 1 else "", strip(layer[-1]))
+    got.setdefault(kind, {}).setdefault(label, set()).add(layer)
+  assert set(got) == set(want), (sorted(set(got) ^ set(want)))
+  for kind, (label, count) in want.items():
+    assert {k: len(v) for k, v in got[kind].items()} == {label: count}, (kind, got[kind].keys())
+
+
 def _gdd_config(root, workdir, **overrides):
   config = config_defaults.gdd(tiny_train_config.get_config(), innate=True)
   config.workdir = str(workdir)

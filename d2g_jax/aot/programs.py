@@ -40,7 +40,7 @@ from d2g_jax.models.unet import UNet, init_shapes
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.sampling.loop import sample
 from d2g_jax.sampling.schedule import ScheduleConfig
-from d2g_jax.train import build, steps
+from d2g_jax.train import build, steps, streams
 from d2g_jax.train.steps import train_step
 
 # SD 1.5 and SDXL base ship the same DDIM-compatible schedule (scheduler_config.json).
@@ -177,7 +177,8 @@ def half_step(obj, name: str) -> Callable:
     return functools.partial(train_step, obj, do_r1=r1)
 
   def fn(state, consts, batch):
-    k_d, k_g = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    key = streams.step_key(state.rng, state.step)
+    k_d, k_g = streams.stream(key, "d"), streams.stream(key, "g")
     if name.startswith("d_step"):
       return steps.discriminator_step(obj, state, consts, batch, k_d, r1)
     return steps.generator_step(obj, state, consts, batch, k_g)

@@ -50,6 +50,26 @@ def path_labels(params: Any, frozen: str) -> Any:
   return traverse_util.unflatten_dict(labels, sep="/")
 
 
+def split_frozen(params: Any, frozen: str) -> tuple[Any, Callable]:
+  """(trainable, join): the tree of `params`' trainable leaves only (all of them when `frozen`
+  is ''), and `join(tree_like_trainable, frozen_as_zeros=False)` -> a tree like `params`,
+  the frozen leaves filled in from `params` (or as zeros: gradients for the optimiser).
+
+  Differentiate `loss(join(trainable))` with respect to `trainable`, and the frozen leaves
+  are constants: no cotangent is computed for them."""
+  if not frozen:
+    return params, lambda tree, frozen_as_zeros=False: tree
+  labels = traverse_util.flatten_dict(path_labels(params, frozen))
+  flat = traverse_util.flatten_dict(params)
+  trainable = traverse_util.unflatten_dict({k: v for k, v in flat.items() if labels[k] == TRAIN})
+  rest = {k: v for k, v in flat.items() if labels[k] == FROZEN}
+
+  def join(tree: Any, frozen_as_zeros: bool = False) -> Any:
+    fill = {k: jax.numpy.zeros_like(v) for k, v in rest.items()} if frozen_as_zeros else rest
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(tree), **fill})
+  return trainable, join
+
+
 def count_frozen(params: Any, frozen: str) -> tuple[int, int]:
   """(trainable, frozen) parameter counts under the `frozen` pattern."""
   labels = traverse_util.flatten_dict(path_labels(params, frozen), sep="/")

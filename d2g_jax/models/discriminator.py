@@ -6,7 +6,7 @@ F features.
 D is the teacher's UNet (same modules, same parameter names under `unet/`, the teacher's
 weights) run on a latent x, with Diffusion2GAN's additions between its pieces:
 
-    x_BxHxWxC ---(+ z_conv(z), zero-init: noise conditioning)---> conv_in
+    x_BxHxWxC ---(+ z_conv(z), zero-init: noise conditioning, fp32)---> conv_in
         down block 0 <--(+ input_convs_0(x),         zero-init: multi-scale input)
         down block 1 <--(+ input_convs_1(x at H/2),  zero-init)
         ...           (text: the UNet's own cross-attention; SDXL: its added embeddings)
@@ -98,8 +98,10 @@ class Discriminator(nn.Module):
 
     x = x_BxHxWxC.astype(self.dtype)
     x_in = x
-    if o.z_cond:
-      x_in = x + zero_conv(c.in_channels, 3, name="z_conv", **kw)(z_BxHxWxC.astype(self.dtype))
+    if o.z_cond:  # in fp32 whatever `dtype`, as the generator's x0 = f(z, eps) is
+      z_in = zero_conv(c.in_channels, 3, jnp.float32, self.param_dtype, "z_conv")(
+          z_BxHxWxC.astype(jnp.float32))
+      x_in = x_BxHxWxC.astype(jnp.float32) + z_in
     h = unet.stem(x_in)
     skips = [h]
     for i in range(c.num_blocks):

@@ -8,7 +8,8 @@ D time-embedding width.
                                encoder_hidden_states_BxSxE, added_cond_kwargs=None)
 
 The call signature and meanings are diffusers' (`added_cond_kwargs={"text_embeds",
-"time_ids"}` for SDXL), with NHWC tensors in and out.
+"time_ids"}` for SDXL), with NHWC tensors in and out. The body computes in `dtype`; the
+output head (conv_norm_out, SiLU, conv_out) always in fp32, and the output is fp32.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ class UNet(nn.Module):
     # up block k mirrors down block n-1-k
     self.up_blocks = [wrap(UpBlock)(block=n - 1 - k, up_index=k, **kw) for k in range(n)]
     self.conv_norm_out = group_norm(c.norm_num_groups, c.norm_eps, self.param_dtype)
-    self.conv_out = conv(c.out_channels, c.conv_out_kernel, self.dtype, self.param_dtype)
+    # The head runs in fp32 whatever `dtype` (see `head`).
+    self.conv_out = conv(c.out_channels, c.conv_out_kernel, jnp.float32, self.param_dtype)
 
   def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
     emb = self.embed(timestep, sample.shape[0], added_cond_kwargs)
@@ -218,9 +220,12 @@ class UNet(nn.Module):
     return h, skips, feats
 
   def head(self, h):
-    """conv_norm_out, activation, conv_out: the model's prediction."""
-    h = self.conv_norm_out(h)
-    h = activation(self.config.act_fn)(h).astype(self.dtype)
+    """conv_norm_out, activation, conv_out: the model's prediction, computed and returned in
+    fp32 whatever `dtype`. At t = 999 the one-step generator multiplies this output by
+    sqrt((1 - a) / a) ~ 14.6 (SD 1.5) to make x0: a bf16 output would put every generated
+    latent on a visible lattice (~0.024 RMS for unit latents; docs/precision.md)."""
+    h = self.conv_norm_out(h)  # fp32 in and out
+    h = activation(self.config.act_fn)(h.astype(jnp.float32))
     return self.conv_out(h)
 
   def _text_time_embedding(self, added_cond_kwargs, b: int):

@@ -30,6 +30,7 @@ from d2g_jax.models.unet import UNet
 from d2g_jax.models.vae import decode_latents
 from d2g_jax.train import state as state_lib
 from d2g_jax.train.steps import Objective, train_step
+from d2g_jax.train.streams import stream
 
 RECIPES = ("diffusion2gan", "gdd")
 
@@ -124,7 +125,8 @@ def objective_from_parts(config, unet_config, schedule, *, sdxl: bool = False, v
       diffuse=d.diffuse, diffuse_t_min=d.diffuse_t_min, diffuse_t_max=d.diffuse_t_max,
       sdxl=sdxl, time_ids=None if time_ids is None else tuple(float(v) for v in
                                                                np.ravel(time_ids)),
-      encode_tokens=encode_tokens, paired=t.recipe != "gdd", microbatches=t.microbatches)
+      encode_tokens=encode_tokens, paired=t.recipe != "gdd", microbatches=t.microbatches,
+      g_frozen=t.g_frozen, d_frozen=t.d_frozen)
   return obj, {"loss": loss_params, "text": text_params}
 
 
@@ -143,10 +145,11 @@ def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> int:
 
 def init_fn(obj: Objective):
   """init(key, teacher_unet_params) -> TrainState: G and its EMA from the teacher, D's trunk
-  from the teacher and its new layers initialised from `key`."""
+  from the teacher and its new layers initialised from `key`'s "init_d" stream; the state's
+  rng is its "train" stream (train/streams.py)."""
   def init(key, teacher_params):
-    d_params = disc.init_params(obj.discriminator, jax.random.fold_in(key, 1), teacher_params)
-    return state_lib.create(teacher_params, d_params, obj.g_tx, obj.d_tx, key)
+    d_params = disc.init_params(obj.discriminator, stream(key, "init_d"), teacher_params)
+    return state_lib.create(teacher_params, d_params, obj.g_tx, obj.d_tx, stream(key, "train"))
   return init
 
 

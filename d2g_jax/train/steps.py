@@ -22,6 +22,9 @@ interleaved per example so that a batch sharded over devices stays in place. Wit
 `do_r1`, the single-sample R1 penalty (weight interval * gamma / 2) is added.
 With `microbatches` k > 1 both updates average their gradients over k sequential parts of
 the batch (`mean_gradients`); R1 is its own gradient on the batch's first rows either way.
+Frozen parameters (`g_frozen` / `d_frozen`, GDD-I's "gdd_i") are constants of the loss:
+gradients are taken with respect to the trainable ones only, so the backward pass does no
+work for the rest, and `grad_norm` is the trainable gradients' norm.
 Generator update: regression_weight * regression(G(z, c), x) + gan_weight * NS-GAN(D(G(z,
 c), z, c)) with D's just-updated params, then the EMA.
 """
@@ -36,15 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2g_jax.infra.optim import ema_update
+from d2g_jax.infra.optim import ema_update, split_frozen
 from d2g_jax.losses import adversarial as adv
 from d2g_jax.models.discriminator import Discriminator
 from d2g_jax.models.generator import EncodeTokens, Generator, condition
 from d2g_jax.sampling.loop import interleave
 from d2g_jax.train.state import TrainState
-
-NOISE_STREAM = 1  # fold_in(step key, NOISE_STREAM): G's noise when the batch has none
-R1_STREAM = 2    # fold_in(D's key, R1_STREAM): the diffusion noise of R1's rows
+from d2g_jax.train.streams import microbatch_key, step_key, stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,8 @@ class Objective:
   encode_tokens: EncodeTokens | None = None  # recompute embeddings from token ids
   paired: bool = True            # x is the teacher's solution from z (False: real data, GDD)
   microbatches: int = 1          # gradient accumulation: each update over k sequential parts
+  g_frozen: str = ""             # G's / D's frozen parameters (infra.optim patterns, the same
+  d_frozen: str = ""             # as their optimisers'): no gradient computed for them
 
   def cond(self, consts, batch) -> dict:
     time_ids = None if self.time_ids is None else np.asarray(self.time_ids, np.float32)
@@ -118,19 +121,20 @@ def split_microbatches(tree: Any, k: int) -> Any:
 
 def mean_gradients(loss_fn: Callable, params: Any, batch: dict, key: jax.Array,
                    microbatches: int = 1) -> tuple[Any, dict]:
-  """(gradients, aux) of `loss_fn(params, batch, key) -> (loss, aux)`, or with
-  `microbatches` k > 1 their means over k sequential microbatches (a `lax.scan`, microbatch
-  j with key `fold_in(key, j)`): gradient accumulation, the update of the whole batch with
-  1/k of the activation memory. Metrics in `aux` become means over the microbatches."""
+  """(gradients, aux) of `loss_fn(params, batch, key_j) -> (loss, aux)`, or with
+  `microbatches` k > 1 their means over k sequential microbatches (a `lax.scan`): gradient
+  accumulation, the update of the whole batch with 1/k of the activation memory. Metrics in
+  `aux` become means over the microbatches. `key` is an update's "microbatches" stream;
+  microbatch j draws from `microbatch_key(key, j)` (j = 0 without accumulation)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
-    (_, aux), grads = grad_fn(params, batch, key)
+    (_, aux), grads = grad_fn(params, batch, microbatch_key(key, 0))
     return grads, aux
   parts = split_microbatches(batch, microbatches)
 
   def body(total, part_j):
     part, j = part_j
-    (_, aux), grads = grad_fn(params, part, jax.random.fold_in(key, j))
+    (_, aux), grads = grad_fn(params, part, microbatch_key(key, j))
     return jax.tree.map(lambda t, v: t + v.astype(t.dtype), total, (grads, aux)), None
 
   first = jax.tree.map(lambda a: a[0], parts)
@@ -149,7 +153,7 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
   def loss_fn(d_params, part, key):
     cond = obj.cond(consts, part)
     z, x = part["z"], part["x"].astype(jnp.float32)
-    k_mix, k_diff = jax.random.split(key)
+    k_mix, k_diff = stream(key, "mix"), stream(key, "diffuse")
     x_fake = jax.lax.stop_gradient(obj.generator.apply(state.g_params, z, cond))
     x_fake, mm = adv.mix_and_match(k_mix, x, x_fake, obj.mix_fraction)
     (x_real_in, x_fake_in), t_B = obj.d_inputs(k_diff, x, x_fake)
@@ -174,18 +178,20 @@ def discriminator_step(obj: Objective, state: TrainState, consts: dict, batch: d
     n = obj.r1_samples
     head = jax.tree.map(lambda a: a[:n], batch)
     cond, z = obj.cond(consts, head), head["z"]
-    (x_in,), t_B = obj.d_inputs(jax.random.fold_in(key, R1_STREAM),
-                                head["x"].astype(jnp.float32))
+    (x_in,), t_B = obj.d_inputs(stream(key, "r1"), head["x"].astype(jnp.float32))
     score = lambda xs: adv.per_sample_score(obj.apply_d(d_params, xs, z, cond, t_B))
     return adv.r1_penalty(score, x_in)
 
-  grads, metrics = mean_gradients(loss_fn, state.d_params, batch, key, obj.microbatches)
+  trainable, join = split_frozen(state.d_params, obj.d_frozen)
+  grads, metrics = mean_gradients(lambda p, part, k: loss_fn(join(p), part, k), trainable, batch,
+                                  stream(key, "microbatches"), obj.microbatches)
   if do_r1:
     weight = adv.r1_weight(obj.r1_gamma, obj.r1_interval)
-    r1, r1_grads = jax.value_and_grad(r1_fn)(state.d_params)
+    r1, r1_grads = jax.value_and_grad(lambda p: r1_fn(join(p)))(trainable)
     grads = jax.tree.map(lambda g, r: g + weight * r, grads, r1_grads)
     metrics["d/r1"], metrics["d/loss"] = r1, metrics["d/loss"] + weight * r1
-  updates, d_opt = obj.d_tx.update(grads, state.d_opt, state.d_params)
+  updates, d_opt = obj.d_tx.update(join(grads, frozen_as_zeros=True), state.d_opt,
+                                   state.d_params)
   d_params = optax.apply_updates(state.d_params, updates)
   metrics["d/grad_norm"] = optax.tree.norm(grads)
   metrics["d/lr"] = jnp.asarray(obj.d_lr(state.step), jnp.float32)
@@ -199,7 +205,7 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
   def loss_fn(g_params, part, key):
     cond = obj.cond(consts, part)
     z, x = part["z"], part["x"].astype(jnp.float32)
-    k_reg, k_diff = jax.random.split(key)
+    k_reg, k_diff = stream(key, "regression"), stream(key, "diffuse")
     x_hat = obj.generator.apply(g_params, z, cond)
     loss, aux = 0.0, {}
     if obj.regression_weight:
@@ -214,8 +220,11 @@ def generator_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
       aux["g/mse"] = jnp.mean(jnp.square(x_hat - x))
     return loss, aux
 
-  grads, metrics = mean_gradients(loss_fn, state.g_params, batch, key, obj.microbatches)
-  updates, g_opt = obj.g_tx.update(grads, state.g_opt, state.g_params)
+  trainable, join = split_frozen(state.g_params, obj.g_frozen)
+  grads, metrics = mean_gradients(lambda p, part, k: loss_fn(join(p), part, k), trainable, batch,
+                                  stream(key, "microbatches"), obj.microbatches)
+  updates, g_opt = obj.g_tx.update(join(grads, frozen_as_zeros=True), state.g_opt,
+                                   state.g_params)
   g_params = optax.apply_updates(state.g_params, updates)
   g_ema = ema_update(state.g_ema, g_params, obj.ema_decay)
   metrics["g/grad_norm"] = optax.tree.norm(grads)
@@ -227,14 +236,14 @@ def train_step(obj: Objective, state: TrainState, consts: dict, batch: dict,
                do_r1: bool = False) -> tuple[TrainState, dict]:
   """The discriminator update, then the generator update; step + 1.
 
-  Step i's randomness is `fold_in(state.rng, i)`, split between the two updates; a batch
-  without "z" (real data) gets its noise from `fold_in` of the same key, shared by both.
-  D is skipped when gan_weight is 0 (pure regression).
+  Step i's randomness is `step_key(state.rng, i)`, with a named stream (train/streams.py)
+  for each update; a batch without "z" (real data) gets its noise from the step's "noise"
+  stream, shared by both. D is skipped when gan_weight is 0 (pure regression).
   """
-  key = jax.random.fold_in(state.rng, state.step)
-  k_d, k_g = jax.random.split(key)
+  key = step_key(state.rng, state.step)
+  k_d, k_g = stream(key, "d"), stream(key, "g")
   if "z" not in batch:
-    z = jax.random.normal(jax.random.fold_in(key, NOISE_STREAM), batch["x"].shape, jnp.float32)
+    z = jax.random.normal(stream(key, "noise"), batch["x"].shape, jnp.float32)
     batch = {**batch, "z": z}
   metrics = {}
   if obj.gan_weight:
