@@ -411,7 +411,27 @@ def latent_vgg_table(name: str) -> str:
   return table(header, rows) + "\n\n" + runs(recs, extra)
 
 
+def gdd_i_table(name: str) -> str:
+  """GDD-I's generator half compiled before and after frozen parameters left out of the
+  gradient (each record's `label` says which code compiled it)."""
+  rows = []
+  for rec in load(name):
+    for r in rec["results"]:
+      fits = r.get("fits") or "peak_bytes" in r
+      rows.append([rec.get("label", "?"), f"`{r['program']}`", mesh_text({**r, **rec}),
+                   per_chip(r), f"{r['temp_bytes'] / 1e9:.1f} GB" if fits else "-",
+                   memory_text(r), f"{r['hlo_flops'] / 1e12:.1f}" if r.get("hlo_flops") else "-",
+                   estimate_text(r), f"{100 * r['mfu']:.1f}%" if fits and r.get("mfu") else "-"])
+  chip = load(name)[0]["chip"] if rows else {}
+  return table(["code", "program", "mesh", "per chip", "temporaries per chip",
+                f"peak memory per chip (of {chip.get('hbm_bytes', 0) / 1e9:.0f} GB)",
+                "HLO TFLOP per chip", "compiler's estimated time per call",
+                "MFU implied by the estimate"], rows)
+
+
 TABLES = {  # name: (make the markdown, the results files it reads)
+    "v5p_gdd_i": (lambda: gdd_i_table("train_compile_gdd_i_v5p.jsonl"),
+                  "train_compile_gdd_i_v5p.jsonl"),
     "v5p_sd15": (lambda: compile_table("train_compile_v5p.jsonl", "sd15"),
                  "train_compile_v5p.jsonl"),
     "v5p_sdxl": (lambda: compile_table("train_compile_v5p.jsonl", "sdxl_base"),
