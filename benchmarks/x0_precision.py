@@ -41,17 +41,7 @@ T = 999
 
 def body(m: UNet, sample, timestep, ehs, added):
   """UNet.__call__ up to (not including) the output head."""
-  emb = m.embed(timestep, sample.shape[0], added)
-  ctx = m.context(ehs)
-  h = m.stem(sample)
-  skips = [h]
-  for i in range(m.config.num_blocks):
-    h, block_skips = m.down(i, h, emb, ctx)
-    skips.extend(block_skips)
-  h = m.mid(h, emb, ctx)
-  for k in range(m.config.num_blocks):
-    h, skips, _ = m.up(k, h, skips, emb, ctx)
-  return h
+  return m.body(sample, timestep, ehs, added)
 
 
 def old_head(params, h, config: UNetConfig):

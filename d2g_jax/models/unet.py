@@ -168,6 +168,10 @@ class UNet(nn.Module):
     self.conv_out = conv(c.out_channels, c.conv_out_kernel, jnp.float32, self.param_dtype)
 
   def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+    return self.head(self.body(sample, timestep, encoder_hidden_states, added_cond_kwargs))
+
+  def body(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+    """Everything before the output head: the last up block's features, in `dtype`."""
     emb = self.embed(timestep, sample.shape[0], added_cond_kwargs)
     ctx = self.context(encoder_hidden_states)
     h = self.stem(sample)
@@ -178,7 +182,7 @@ class UNet(nn.Module):
     h = self.mid(h, emb, ctx)
     for k in range(self.config.num_blocks):
       h, skips, _ = self.up(k, h, skips, emb, ctx)
-    return self.head(h)
+    return h
 
   # ------------------------------------------------------------- the pieces
   def embed(self, timestep, batch: int, added_cond_kwargs=None):
