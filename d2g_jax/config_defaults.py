@@ -20,7 +20,19 @@ def base() -> ml_collections.ConfigDict:
   c.workdir = "/tmp/d2g"
   c.seed = 0
   c.stages = "pairs"
-  c.distributed = False            # multi-host: jax.distributed.initialize() (see launch/)
+  # Multi-host runs: one process per host, each running the same command (d2g_jax/distributed.py,
+  # docs/many_hosts.md). Each cluster setting: the config, else the environment, else JAX's
+  # detection of the cluster (Cloud TPU, SLURM, ...).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False    # True: jax.distributed.initialize() before any stage
+  c.distributed.coordinator_address = ""  # process 0's host:port; '' = $D2G_COORDINATOR_ADDRESS,
+                                   # $JAX_COORDINATOR_ADDRESS or detected
+  c.distributed.num_processes = 0  # 0 = $D2G_NUM_PROCESSES or detected
+  c.distributed.process_id = -1    # -1 = $D2G_PROCESS_ID or detected
+  c.distributed.initialization_timeout_s = 300  # how long to wait for every process to join
+  c.distributed.heartbeat_timeout_s = 100  # a process silent this long counts as lost: every
+                                   # other process stops with an error naming it
+  c.distributed.shutdown_timeout_s = 300   # how long a finished process waits for the others
   c.compilation_cache_dir = ""     # XLA's persistent compilation cache ('' = off); a rerun
                                    # (or a resumed run) then skips compiling its steps
 

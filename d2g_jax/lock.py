@@ -12,8 +12,9 @@ and the next run takes it over with a warning, when:
     restarted container reusing it), or
   - its heartbeat (the file's mtime) is older than `stale_after_s` (any host, e.g. a job
     requeued on another node; also a file too damaged to name its holder).
-Only process 0 of a multi-host run takes the lock; the other processes do nothing.
-Standard library only.
+Only process 0 of a multi-host run takes the lock; the others learn whether it did and, if
+not, raise the same LockedError (`distributed.on_process_zero`). Standard library only, but
+for that.
 """
 
 from __future__ import annotations
@@ -72,7 +73,16 @@ class FolderLock:
 
   # ------------------------------------------------------------------ holder side
   def acquire(self) -> "FolderLock":
-    if not self.active or self._info is not None:
+    if self._info is not None:
+      return self
+    if "jax" in sys.modules:  # a multi-host run: every process learns whether process 0 got it
+      from d2g_jax import distributed
+      distributed.on_process_zero(f"lock {self.path}", self._acquire)
+      return self
+    return self._acquire()
+
+  def _acquire(self) -> "FolderLock":
+    if not self.active:
       return self
     os.makedirs(self.folder, exist_ok=True)
     info = {"host": socket.gethostname(), "pid": os.getpid(),

@@ -155,6 +155,12 @@ def demo_report(config):
   return report.run_report(config)
 
 
+# Stages of one machine's work (building or training the small demo models, checks, reports):
+# in a multi-host run process 0 runs them and the others wait for it.
+PROCESS_ZERO = ("tiny_teacher", "roundtrip", "digits_vae", "digits_teacher", "digits_lpips_data",
+                "demo_report")
+
+
 def parse_stages(spec: str) -> list[str]:
   names = [s.strip() for s in spec.split(",") if s.strip()]
   unknown = [n for n in names if n not in STAGES]
@@ -178,10 +184,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict):
   names = parse_stages(config.stages)
   config = resolve(config)
-  if config.distributed:
+  if config.distributed.enabled:
     import jax
-    jax.distributed.initialize()  # reads the cluster (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS)
-    from d2g_jax import log
+
+    from d2g_jax import distributed, log
+    distributed.initialize(config.distributed)  # the config, the environment or the cluster
     log.setup(process_index=jax.process_index())  # process 0 logs INFO, the others warnings
     _log.info("process %s of %s, %s local / %s global devices",
               jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -193,12 +200,27 @@ def run(config: ml_collections.ConfigDict):
     import jax
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  import jax
+
+  from d2g_jax import distributed
+  from d2g_jax.infra.preemption import Preempted
   results = {}
   with _lock(config, config.workdir):
     for name in names:
       _log.info("=== stage %s ===", name)
       start = time.time()
-      results[name] = STAGES[name](config)
+      try:
+        if name in PROCESS_ZERO and jax.process_index() != 0:
+          results[name] = None  # process 0 runs it alone; the others wait at the barrier
+        else:
+          results[name] = STAGES[name](config)
+      except Preempted as stop:  # saved and stopped on SIGTERM: the later stages wait too
+        _log.warning("%s; the same command resumes it%s", stop,
+                     f" (stages not run: {', '.join(names[names.index(name) + 1:])})"
+                     if name != names[-1] else "")
+        results[name] = stop.result
+        break
+      distributed.barrier(f"stage {name}")  # the next stage may read what any host wrote
       _record_seconds(config.workdir, name, time.time() - start)
   return results
 

@@ -58,7 +58,7 @@ def load_checkpoint(config, checkpoints: str, weights: str = "ema",
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}: run the train stage "
                               "first (--config.stages=train)")
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
                             init_shapes(teacher.info.unet))
     key = WEIGHTS[weights]

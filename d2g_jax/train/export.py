@@ -54,14 +54,17 @@ def run_export(config) -> dict:
       and os.path.isdir(e.orbax_dir):
     _log.info("%s already holds step %d (%s weights); nothing to do", e.out_dir, step, e.weights)
     return record
+  # Every host reads the generator; process 0 writes the diffusers folder and the record, and
+  # the Orbax copy is saved by all together (Orbax's saves are collective; host arrays are
+  # written by process 0).
   gen, params, _ = student.load_checkpoint(config, checkpoints, e.weights, step)
-  if jax.process_index() != 0:
-    return record
-  export_pipeline(config.teacher.path, gen.unet, params, e.out_dir, timestep=gen.timestep,
-                  prediction_type=gen.prediction_type, dtype=dtype, overwrite=True)
+  if jax.process_index() == 0:
+    export_pipeline(config.teacher.path, gen.unet, params, e.out_dir, timestep=gen.timestep,
+                    prediction_type=gen.prediction_type, dtype=dtype, overwrite=True)
   cast = jax.tree.map(lambda x: np.asarray(x, dtype), params)
   orbax_io.save(e.orbax_dir, cast, "unet", teacher.info.unet.to_diffusers(), overwrite=True)
-  save_json(record, info_path)
+  if jax.process_index() == 0:
+    save_json(record, info_path)  # last: the record says the folder is whole
   _log.info("step %d (%s weights, %s) -> %s (diffusers, 1-step DDIM at t=%d, %s) and "
            "%s (Orbax)", step, e.weights, e.dtype, e.out_dir, gen.timestep, gen.prediction_type,
            e.orbax_dir)

@@ -19,7 +19,8 @@ Resume order (written down, as big_vision does):
 
 Checkpoints are saved every `train.checkpoint_every` steps and at the last step, only
 after that step's metrics were checked finite, so a NaN never reaches a checkpoint.
-SIGTERM (pre-emption, SLURM's requeue) saves the current step and stops cleanly.
+SIGTERM (pre-emption, SLURM's requeue) saves the current step and stops cleanly; on several
+hosts every host stops at the same step (`infra.preemption`).
 """
 
 from __future__ import annotations
@@ -142,16 +143,16 @@ def run_train(config) -> dict[str, Any]:
         pending = (step + 1, device_metrics)
         bar.update(1)
         done = step + 1
-        if done % t.checkpoint_every == 0 or done == t.num_steps or stop.requested:
+        stopping = stop.at(done)  # the same answer on every host
+        if done % t.checkpoint_every == 0 or done == t.num_steps or stopping:
           settle(*pending)
           pending = None
           ckpt.save(done, state, it, config=cfg_dict)
+        if stopping:
+          break
         if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
           image = sampler(state, consts, done)
           writer.write_images(done, {"samples/teacher_vs_student": image})
-        if stop.requested:
-          _log.warning("stopped by SIGTERM after step %d (checkpoint saved)", done)
-          break
       if pending is not None:
         settle(*pending)
   finally:
@@ -160,8 +161,11 @@ def run_train(config) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   final = int(jax.device_get(state.step))
+  result = {"step": final, "checkpoint_dir": str(ckpt.directory), "metrics": last}
+  if stop.requested and final < t.num_steps:
+    raise preemption.Preempted(final, result)
   _log.info("step %d of %d; checkpoints in %s", final, t.num_steps, ckpt.directory)
-  return {"step": final, "checkpoint_dir": str(ckpt.directory), "metrics": last}
+  return result
 
 
 def log_sizes(abstract, t) -> None:
