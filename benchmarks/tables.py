@@ -429,7 +429,26 @@ def gdd_i_table(name: str) -> str:
                 "MFU implied by the estimate"], rows)
 
 
+def many_hosts_table(name: str) -> str:
+  """Each stage's wall time per process layout (`benchmarks/many_hosts.py`)."""
+  recs = load(name)
+  rows = []
+  for i, rec in enumerate(recs, 1):
+    base, other = rec["layouts"][0], rec["layouts"][1:]
+    for stage, t in rec["seconds"][base].items():
+      times = [rec["seconds"][layout][stage] for layout in other]
+      rows.append([run_label(i, rec), f"`{stage}`", num(t, 3), *[num(x, 3) for x in times],
+                   *[ratio(x / t) for x in times]])
+  layouts = recs[0]["layouts"]
+  header = ["run", "stage", f"{layouts[0]}, s", *[f"{x}, s" for x in layouts[1:]],
+            *[f"{x} / {layouts[0]}" for x in layouts[1:]]]
+  extra = lambda rec: (f"config tests/multihost_config.py{':' + rec['variant'] if rec['variant'] else ''}; "
+                       "process 0's wall time per stage, compiling included")
+  return table(header, rows) + "\n\n" + runs(recs, extra)
+
+
 TABLES = {  # name: (make the markdown, the results files it reads)
+    "many_hosts": (lambda: many_hosts_table("many_hosts_*.jsonl"), "many_hosts_*.jsonl"),
     "v5p_gdd_i": (lambda: gdd_i_table("train_compile_gdd_i_v5p.jsonl"),
                   "train_compile_gdd_i_v5p.jsonl"),
     "v5p_sd15": (lambda: compile_table("train_compile_v5p.jsonl", "sd15"),

@@ -68,16 +68,16 @@ done
 
 FAILED=()
 for ((i = 0; i < N; i++)); do
-  wait "${PIDS[$i]}"
-  rc=$?
-  # `wait` also returns (status > 128) when a trapped signal arrives: wait again until the
-  # process has really ended (a second wait on an ended, reaped process answers 127).
-  while (( rc > 128 )); do
+  # `wait` also returns (status > 128) when a trapped signal arrives: wait again while the
+  # process lives; bash keeps an ended process's status, so a last `wait` gives the real one.
+  while true; do
     wait "${PIDS[$i]}"
-    again=$?
-    (( again == 127 )) && break
-    rc=$again
+    rc=$?
+    kill -0 "${PIDS[$i]}" 2>/dev/null || break
   done
+  wait "${PIDS[$i]}"
+  last=$?
+  (( last != 127 )) && rc=$last
   if (( rc != 0 )); then
     if (( rc > 128 )); then
       how="killed by signal $((rc - 128)) ($(kill -l $((rc - 128)) 2>/dev/null || echo '?'))"

@@ -17,7 +17,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d2g_jax"
 
 # Lowest first. A name is a module or a package (all of its modules) under d2g_jax.
 LAYERS = (
-    ("_xla_flags", "files", "log", "parallel", "lock", "dtypes", "grid"),
+    ("_xla_flags", "files", "log", "parallel", "lock", "dtypes", "grid", "distributed"),
     ("models", "sampling"),
     ("convert", "teacher", "tiny"),
     ("data", "losses"),

@@ -119,7 +119,10 @@ def shard_dataset(folder: str, *, batch_size: int | None = None, seed: int = 0,
                  drop_remainder: bool = True, verify: str = "size") -> grain.MapDataset:
   """This host's records: shuffled globally (a new order each epoch), then split over hosts.
 
-  `batch_size` is per host. `num_epochs=None` repeats forever. Host defaults come from
+  `batch_size` is per host. Batched, host h's i-th batch is rows [h*b, (h+1)*b) of the
+  i-th global batch of b * process_count records, so the global batch (the hosts' rows in
+  process order, `parallel.host_to_global`) is the same records in the same order whatever
+  the number of hosts. `num_epochs=None` repeats forever. Host defaults come from
   `jax.process_index()` / `jax.process_count()`.
   """
   if process_index is None or process_count is None:
@@ -130,10 +133,9 @@ def shard_dataset(folder: str, *, batch_size: int | None = None, seed: int = 0,
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  ds = ds[process_index::process_count]
-  if batch_size:
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  return ds
+  if batch_size:  # consecutive blocks of batch_size, every process_count-th one is ours
+    return ds.batch(batch_size, drop_remainder=drop_remainder)[process_index::process_count]
+  return ds[process_index::process_count]
 
 
 pair_dataset = shard_dataset

@@ -1,0 +1,371 @@
+"""Several JAX processes on one machine through `launch/local.sh` (docs/many_hosts.md).
+
+A tiny SD 1 teacher through pairs, train, export and eval (tests/multihost_config.py):
+  - 2 processes x 2 CPU devices against 1 process x 4 devices, same global batch: the pairs
+    bit-identical; metrics, exported UNet and eval numbers within what the order of the
+    cross-process sums explains (`test_two_by_two_equals_one_by_four` derives the bound);
+  - pre-emption: SIGTERM to one process stops both at the same step with status 0; SIGKILL
+    of one process ends the other within the heartbeat timeout, naming the lost one; SIGKILL
+    of both; each time the same command resumes, and the run ends bit-identical to an
+    uninterrupted run of the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from d2g_jax import distributed, tiny
+from d2g_jax.data import source
+from d2g_jax.infra import metrics as metrics_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+LOCAL = os.path.join(REPO, "launch", "local.sh")
+STEPS = 12  # tests/multihost_config.py
+HEARTBEAT_S = 10
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  """A tiny SD 1 teacher and 16 prompts."""
+  root = tmp_path_factory.mktemp("hosts")
+  tiny.build("sd1", str(root / "teacher"))
+  (root / "prompts.txt").write_text("".join(f"a photo of {i} cats\n" for i in range(16)))
+  return root
+
+
+def _env():
+  # As the test session runs JAX (fast compiles, highest precision, its compilation cache).
+  return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=os.pathsep.join([REPO, HERE]),
+              JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_DEFAULT_MATMUL_PRECISION="highest")
+
+
+class Launch:
+  """`launch/local.sh N D -- ...` running the multi-host test config in the background."""
+
+  def __init__(self, root, workdir, n: int, d: int, *flags: str, variant: str = ""):
+    self.log = open(str(workdir) + f".{n}x{d}.{time.time_ns()}.log", "w+")
+    self.n = n
+    config = f"{HERE}/multihost_config.py" + (f":{variant}" if variant else "")
+    cmd = [LOCAL, str(n), str(d), "--", f"--config={config}",
+           f"--config.workdir={workdir}", f"--config.teacher.path={root / 'teacher'}",
+           f"--config.pairs.prompts={root / 'prompts.txt'}",
+           f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
+           f"--config.compilation_cache_dir={os.environ['D2G_TEST_XLA_CACHE']}", *flags]
+    self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env(),
+                                 cwd=REPO)
+
+  def output(self) -> str:
+    self.log.flush()
+    with open(self.log.name) as fh:
+      return fh.read()
+
+  def pids(self) -> list[int]:
+    found = dict(re.findall(r"local\.sh: process (\d+) of \d+: pid (\d+)", self.output()))
+    return [int(found[str(i)]) for i in range(self.n)] if len(found) == self.n else []
+
+  def wait(self, timeout: float = 900) -> int:
+    try:
+      return self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise AssertionError(f"local.sh still running after {timeout} s:\n{self.tail()}") from None
+
+  def kill(self):
+    for pid in self.pids():
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    self.proc.kill()
+    self.proc.wait()
+
+  def tail(self, n: int = 6000) -> str:
+    return "\n".join(line for line in self.output().splitlines()
+                     if "[Gloo]" not in line and not line.lstrip("[]0123456789 ").startswith("@"))[-n:]
+
+
+def run_ok(root, workdir, n, d, *flags, variant: str = "") -> str:
+  launch = Launch(root, workdir, n, d, *flags, variant=variant)
+  rc = launch.wait()
+  assert rc == 0, launch.tail()
+  return launch.output()
+
+
+def wait_for_checkpoint(launch: Launch, workdir, step: int, timeout: float = 900):
+  folder = workdir / "checkpoints" / str(step)
+  deadline = time.time() + timeout
+  while not folder.is_dir():
+    assert launch.proc.poll() is None, f"ended before checkpoint {step}:\n{launch.tail()}"
+    assert time.time() < deadline, launch.tail()
+    time.sleep(0.05)
+  assert len(launch.pids()) == launch.n
+
+
+def losses(workdir) -> list[dict]:
+  """metrics.jsonl without the wall-clock timings."""
+  return [{k: v for k, v in m.items() if not k.startswith("perf/")}
+          for m in metrics_lib.read_metrics(str(workdir))]
+
+
+def unet(workdir) -> dict[str, np.ndarray]:
+  return load_file(str(workdir / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def eval_rows(workdir) -> dict:
+  return json.loads((workdir / "eval" / "metrics.json").read_text())["rows"]
+
+
+def records(folder):
+  src = source.ShardSource(str(folder))
+  return src.__getitems__(range(len(src)))
+
+
+def complete_steps(workdir) -> list[int]:
+  return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+
+
+@pytest.fixture(scope="module")
+def two_by_two(root, tmp_path_factory):
+  """An uninterrupted 2 x 2 run: pairs, train, export, eval."""
+  work = tmp_path_factory.mktemp("two_by_two") / "run"
+  run_ok(root, work, 2, 2)
+  return work
+
+
+# ------------------------------------------------------------------ launching
+def test_local_dry_run_and_usage():
+  out = subprocess.run([LOCAL, "--dry-run", "2", "3", "--", "--config", "configs/demo.py",
+                        "--config.pairs.prompts=a b"], capture_output=True, text=True,
+                       env=_env(), check=True).stdout.splitlines()
+  assert len(out) == 2
+  for i, line in enumerate(out):
+    assert f"D2G_PROCESS_ID={i} " in line and "D2G_NUM_PROCESSES=2 " in line
+    assert "--xla_force_host_platform_device_count=3" in line
+    assert "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo" in line
+    assert line.endswith(r"-m d2g_jax.main --config configs/demo.py "
+                         r"--config.pairs.prompts=a\ b --config.distributed.enabled=True")
+  assert re.search(r"D2G_COORDINATOR_ADDRESS=127\.0\.0\.1:\d+ ", out[0])
+  bad = subprocess.run([LOCAL, "0", "2", "--", "x"], capture_output=True, text=True)
+  assert bad.returncode == 2 and "NUM_PROCESSES must be a positive integer" in bad.stderr
+  bad = subprocess.run([LOCAL, "2", "2", "x"], capture_output=True, text=True)
+  assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+def test_distributed_settings():
+  from ml_collections import ConfigDict
+
+  from d2g_jax import config_defaults
+  cfg = config_defaults.base().distributed
+  assert distributed.settings(cfg, {}) == {"initialization_timeout": 300,
+                                           "heartbeat_timeout_seconds": 100,
+                                           "shutdown_timeout_seconds": 300}
+  env = {"D2G_COORDINATOR_ADDRESS": "10.0.0.1:1234", "D2G_NUM_PROCESSES": "4",
+         "D2G_PROCESS_ID": "3"}
+  got = distributed.settings(cfg, env)
+  assert (got["coordinator_address"], got["num_processes"], got["process_id"]) == \
+      ("10.0.0.1:1234", 4, 3)
+  explicit = ConfigDict(dict(cfg.to_dict(), coordinator_address="h:1", num_processes=2,
+                             process_id=0, heartbeat_timeout_s=7))
+  got = distributed.settings(explicit, env)  # the config wins over the environment
+  assert (got["coordinator_address"], got["num_processes"], got["process_id"],
+          got["heartbeat_timeout_seconds"]) == ("h:1", 2, 0, 7)
+  assert distributed.settings(cfg, {"JAX_COORDINATOR_ADDRESS": "j:2"})["coordinator_address"] \
+      == "j:2"
+  with pytest.raises(ValueError, match="D2G_NUM_PROCESSES='four': expected an integer"):
+    distributed.settings(cfg, {"D2G_NUM_PROCESSES": "four"})
+  with pytest.raises(ValueError, match="process_id=2 with num_processes=2"):
+    distributed.settings(cfg, {"D2G_NUM_PROCESSES": "2", "D2G_PROCESS_ID": "2"})
+  with pytest.raises(ValueError, match="heartbeat_timeout_s=0"):
+    distributed.settings(ConfigDict(dict(cfg.to_dict(), heartbeat_timeout_s=0)), {})
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "slurm_gpu.sbatch"])
+def test_cluster_launchers_dry_run(script):
+  path = os.path.join(REPO, "launch", script)
+  if script == "tpu_pod.sh":
+    args = ["--dry-run", "my-tpu", "us-east5-a", "4", "configs/sdxl.py",
+            "--config.teacher.path=/models/sd xl"]
+  else:
+    args = ["--dry-run", "configs/sd15.py", "--config.teacher.path=/models/sd15"]
+  env = dict(_env(), SLURM_JOB_NUM_NODES="3", SLURM_GPUS_PER_NODE="8")
+  out = subprocess.run(["bash", path, *args], capture_output=True, text=True, env=env,
+                       check=True).stdout.splitlines()
+  hosts = 4 if script == "tpu_pod.sh" else 3
+  assert len(out) == hosts, out
+  for i, line in enumerate(out):
+    assert "-m d2g_jax.main" in line and "--config.distributed.enabled=True" in line
+    if script == "tpu_pod.sh":
+      assert f"--worker={i} " in line and r"--config.teacher.path=/models/sd\ xl" in line
+    else:
+      assert f"D2G_PROCESS_ID={i} " in line and "D2G_NUM_PROCESSES=3 " in line
+
+
+# ------------------------------------------------------------------ equal to one process
+def test_two_by_two_equals_one_by_four(root, two_by_two, tmp_path):
+  """The same global batches on 4 devices as 2 processes x 2 and as 1 process x 4.
+
+  The pairs come from per-example computations only: bit-identical. Training sums over the
+  batch across devices; with 2 processes the cross-process part of each sum runs over gloo,
+  in another order than the in-process sum of 1 x 4. A sum of n = 4 partial sums in float32
+  in two orders differs by at most 2 (n - 1) u sum|partials| (u = 2^-24), i.e. ~4e-7 of the
+  magnitudes summed; step 1 (the same parameters on both) must agree to that, with a margin
+  for the few sums in a row a loss takes: rtol 1e-5. Every later step starts from parameters
+  that differ by those roundings, which the training steps carry on (Adam divides by the
+  gradients' root mean square, so a rounding in a gradient near zero moves a weight by up
+  to ~lr); the bound we check is that the two layouts' weights differ by far less than
+  training moved them (1e-3 of each tensor's change), and the metrics and eval numbers
+  agree to rtol 1e-3.
+  """
+  one = tmp_path / "one_by_four"
+  run_ok(root, one, 1, 4)
+  two = two_by_two
+  # Pairs: bit-identical, each host having written its own shards.
+  a, b = records(two / "pairs"), records(one / "pairs")
+  assert len(a) == len(b) == 16
+  for ra, rb in zip(a, b):
+    assert ra.keys() == rb.keys()
+    for k in ra:
+      np.testing.assert_array_equal(np.asarray(ra[k]), np.asarray(rb[k]), err_msg=k)
+  hosts = {json.loads(p.read_text())["host"] for p in (two / "pairs").glob("*.json")
+           if p.name != "manifest.json"}
+  assert hosts == {0, 1}
+  # Metrics: one line per step (written once, by process 0).
+  ma, mb = losses(two), losses(one)
+  assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
+  for k in mb[0]:
+    np.testing.assert_allclose(ma[0][k], mb[0][k], rtol=1e-5, atol=1e-7, err_msg=f"step 1 {k}")
+  for sa, sb in zip(ma, mb):
+    for k in sb:
+      np.testing.assert_allclose(sa[k], sb[k], rtol=1e-3, atol=1e-5,
+                                 err_msg=f"step {sb['step']} {k}")
+  # The exported UNet: the layouts differ by far less than training moved the weights.
+  teacher = load_file(str(root / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"))
+  ua, ub = unet(two), unet(one)
+  assert ua.keys() == ub.keys() == teacher.keys()
+  moved = max(float(np.abs(ub[k] - teacher[k]).max()) for k in ub)
+  worst = max(float(np.abs(ua[k] - ub[k]).max()) for k in ub)
+  assert moved > 0 and worst <= 1e-3 * moved, (worst, moved)
+  # Eval: the same numbers within the metrics' tolerance.
+  ea, eb = eval_rows(two), eval_rows(one)
+  assert ea.keys() == eb.keys()
+  for row in eb:
+    for k, v in eb[row].items():
+      np.testing.assert_allclose(ea[row][k], v, rtol=1e-3, err_msg=f"{row} {k}")
+
+
+# ------------------------------------------------------------------ pre-emption
+def test_preemption_and_lost_hosts_resume_exactly(root, two_by_two, tmp_path):
+  """SIGTERM to process 1 alone; then SIGKILL of process 1 alone; then SIGKILL of both; then
+  the same command to the end: bit-identical to the uninterrupted 2 x 2 run."""
+  work = tmp_path / "interrupted"
+  # 1. SIGTERM to one process: both save the same step and exit 0; later stages wait.
+  launch = Launch(root, work, 2, 2)
+  wait_for_checkpoint(launch, work, 2)
+  os.kill(launch.pids()[1], signal.SIGTERM)
+  assert launch.wait() == 0, launch.tail()
+  out = launch.output()
+  stops = re.findall(r"\[(\d)\] .*every host stops after step (\d+)", out)
+  assert sorted(i for i, _ in stops) == ["0", "1"] and len({s for _, s in stops}) == 1, out
+  stopped = int(stops[0][1])
+  assert 2 <= stopped < STEPS and complete_steps(work)[-1] == stopped
+  assert "stages not run: export, eval" in out
+  assert not (work / "export").exists()
+  # 2. SIGKILL of process 1: process 0 ends within the heartbeat timeout, non-zero.
+  launch = Launch(root, work, 2, 2)
+  target = stopped // 2 * 2 + 2  # the next regular checkpoint
+  wait_for_checkpoint(launch, work, target)
+  killed_at = time.time()
+  os.kill(launch.pids()[1], signal.SIGKILL)
+  rc = launch.wait(timeout=HEARTBEAT_S + 60)
+  lasted = time.time() - killed_at
+  assert rc == 1 and lasted < HEARTBEAT_S + 30, (rc, lasted)
+  out = launch.output()
+  assert re.search(r"process 1 \(pid \d+\): killed by signal 9 \(KILL\)", out), launch.tail()
+  assert re.search(r"process 0 \(pid \d+\): (exit status|killed by signal)", out), launch.tail()
+  assert "task:1" in out or "task 1" in out, launch.tail()  # JAX names the lost task
+  assert complete_steps(work)[-1] >= target
+  # 3. SIGKILL of both, mid-run.
+  launch = Launch(root, work, 2, 2)
+  target = complete_steps(work)[-1] + 2
+  assert target < STEPS, "no steps left to interrupt; raise STEPS"
+  wait_for_checkpoint(launch, work, target)
+  launch.kill()
+  assert complete_steps(work)[-1] < STEPS
+  # 4. The same command to the end: as if never interrupted.
+  run_ok(root, work, 2, 2)
+  assert losses(work) == losses(two_by_two)
+  ua, ub = unet(work), unet(two_by_two)
+  for k in ub:
+    np.testing.assert_array_equal(ua[k], ub[k], err_msg=k)
+  assert eval_rows(work) == eval_rows(two_by_two)
+
+
+# ------------------------------------------------------------------ the other stages
+def _captioned_images(folder):
+  from PIL import Image
+  for i in range(8):
+    rng = np.random.default_rng(i)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(folder / f"{i:02d}.png")
+    (folder / f"{i:02d}.txt").write_text(f"a photo of {i % 3} cats\n")
+
+
+@pytest.mark.parametrize("variant", ["gdd", "latent_vgg"])
+def test_other_stages_two_by_two_equals_one_by_four(root, tmp_path, variant):
+  """real_latents + the GDD-I train stage; latent_cache, latent_vgg_train and
+  latent_vgg_calibrate: the shards bit-identical, the trained weights and metrics within the
+  bound of `test_two_by_two_equals_one_by_four`."""
+  import latent_vgg_data as D
+  data = tmp_path / "data"
+  data.mkdir()
+  if variant == "gdd":
+    (data / "images").mkdir()
+    _captioned_images(data / "images")
+    flags = [f"--config.real.images=captioned:{data / 'images'}"]
+    shard_dirs = ["real_latents"]
+  else:
+    images = D.make_image_folder(str(data / "images"), per_class=4)
+    flags = [f"--config.latent_vgg.vae={root / 'teacher' / 'vae'}",
+             f"--config.latent_vgg.cache.train=folder:{images}",
+             f"--config.latent_vgg.cache.eval=folder:{images}",
+             f"--config.latent_vgg.cache.bapps={D.make_bapps(str(data / 'bapps'), per_family=4)}"]
+    shard_dirs = []  # every cache folder, found below
+  work = {}
+  for n, d in ((2, 2), (1, 4)):
+    work[n] = tmp_path / f"{n}x{d}"
+    run_ok(root, work[n], n, d, *flags, variant=variant)
+  two, one = work[2], work[1]
+  if variant == "latent_vgg":
+    cache = two / "latent_vgg" / "cache"
+    shard_dirs = [str(p.relative_to(two)) for p in sorted(cache.iterdir()) if p.is_dir()]
+    assert len(shard_dirs) >= 3, shard_dirs  # train, eval and the 2AFC splits
+  for name in shard_dirs:
+    a, b = records(two / name), records(one / name)
+    assert len(a) == len(b) > 0, name
+    for ra, rb in zip(a, b):
+      for k in rb:
+        np.testing.assert_array_equal(np.asarray(ra[k]), np.asarray(rb[k]), err_msg=f"{name} {k}")
+  if variant == "gdd":
+    ma, mb = losses(two), losses(one)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4]
+    for k in mb[0]:
+      np.testing.assert_allclose(ma[0][k], mb[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for sa, sb in zip(ma, mb):
+      for k in sb:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-3, atol=1e-5, err_msg=k)
+  else:
+    wa = load_file(str(two / "latent_vgg" / "sd15_elatentlpips.safetensors"))
+    wb = load_file(str(one / "latent_vgg" / "sd15_elatentlpips.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wb:
+      np.testing.assert_allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5, err_msg=k)
