@@ -32,7 +32,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from d2g_jax import parallel
+from d2g_jax import distributed, parallel
 from d2g_jax.infra import metrics as metrics_lib
 from d2g_jax.infra import optim, preemption, run_config
 from d2g_jax.infra.checkpoint import Checkpointer
@@ -100,6 +100,7 @@ def run_train(config) -> dict[str, Any]:
 
   keys = data.keys(teacher)
   batch_sh = {k: parallel.batch_sharding(mesh) for k in keys}
+  r1_steps = obj.gan_weight > 0 and obj.r1_gamma > 0
   step_fns = {r: build.jit_train_step(obj, state_sh, consts_sh, batch_sh, do_r1=r)
               for r in (False, True)}
   sampler = samples.TrainSamples(config, teacher, obj, data, mesh, state_sh, consts_sh)
@@ -136,7 +137,10 @@ def run_train(config) -> dict[str, Any]:
       for step in range(start, t.num_steps):
         host = next(it)
         batch = parallel.host_to_global({k: host[k] for k in keys}, mesh)
-        do_r1 = obj.gan_weight > 0 and obj.r1_gamma > 0 and step % obj.r1_interval == 0
+        if step == start:
+          step_fns = compile_steps(step_fns, (state, consts, batch), r1_steps, start,
+                                   t.num_steps, obj.r1_interval)
+        do_r1 = r1_steps and step % obj.r1_interval == 0
         state, device_metrics = step_fns[do_r1](state, consts, batch)
         if pending is not None:  # the previous step's metrics, while this one runs
           settle(*pending)
@@ -166,6 +170,21 @@ def run_train(config) -> dict[str, Any]:
     raise preemption.Preempted(final, result)
   _log.info("step %d of %d; checkpoints in %s", final, t.num_steps, ckpt.directory)
   return result
+
+
+def compile_steps(step_fns: dict, args: tuple, r1_steps: bool, start: int, stop: int,
+                  interval: int) -> dict:
+  """The step programs this run calls (with and without R1), compiled now, and every host
+  waiting for the others before the first step: a host that compiles slower (no cache entry,
+  a busier machine) would otherwise leave the others waiting in the step's first collective,
+  and CPU collectives (gloo) give up after 30 s."""
+  needed = {r1_steps and step % interval == 0 for step in range(start, min(stop, start + interval))}
+  began = time.time()
+  compiled = {r: step_fns[r].lower(*args).compile() for r in sorted(needed)}
+  _log.info("train step%s compiled in %.1f s", "s" if len(compiled) > 1 else "",
+            time.time() - began)
+  distributed.barrier("train steps compiled")
+  return compiled
 
 
 def log_sizes(abstract, t) -> None:
