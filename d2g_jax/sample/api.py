@@ -31,6 +31,7 @@ stage's samplers (`d2g_jax.evaluate.samplers`) wrapped in an `ImageSampler`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Sequence
@@ -71,8 +72,13 @@ def seed_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> np.ndarray:
   bad = [s for s in seeds if not 0 <= int(s) < MAX_SEED]
   if bad:
     raise ValueError(f"seeds {bad[:5]} are out of range; seeds are integers in [0, {MAX_SEED})")
-  noise = jax.jit(jax.vmap(lambda s: pair_noise(s, 0, tuple(latent_shape))))
-  return np.asarray(noise(jnp.asarray([int(s) for s in seeds], jnp.int32)))
+  return np.asarray(_seed_noise(jnp.asarray([int(s) for s in seeds], jnp.int32),
+                                tuple(int(d) for d in latent_shape)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _seed_noise(seeds_B: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
+  return jax.vmap(lambda s: pair_noise(s, 0, latent_shape))(seeds_B)
 
 
 class ImageSampler:
