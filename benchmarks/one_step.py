@@ -130,7 +130,8 @@ def trained(args):
                          "teacher": args.teacher, "dtype": args.dtype,
                          "teacher_steps": args.teacher_steps, "guidance_scale": args.guidance,
                          "image_size": [h * f, w * f], "prompt": args.prompt,
-                         "repeats": args.repeats, "rows": recorded})
+                         "repeats": args.repeats, "rows": recorded,
+                         **({"note": args.note} if args.note else {})})
 
 
 def main():
@@ -148,6 +149,7 @@ def main():
   p.add_argument("--guidance", type=float, default=GUIDANCE, help="with --model: the teacher's CFG")
   p.add_argument("--prompt", default=PROMPTS[0], help="with --model: the prompt of every image")
   p.add_argument("--label", default="", help="with --model: the model's name in the record")
+  p.add_argument("--note", default="", help="with --model: a remark kept in the record")
   p.add_argument("--record", default="", metavar="PATH",
                  help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   args = p.parse_args()

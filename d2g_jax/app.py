@@ -98,8 +98,9 @@ def build(student: api.ImageSampler, teacher: api.ImageSampler | None = None, *,
       label = "student, 1 step" if sampler.name == "student" else (
           f"teacher, {sampler.meta['num_steps']} steps, CFG {sampler.meta['guidance_scale']:g}")
       with gr.Column():
-        outputs.append(gr.Gallery(label=label, format="png", columns=MAX_IMAGES, height="auto",
-                                  object_fit="contain", elem_id=f"{sampler.name}_images"))
+        outputs.append(gr.Gallery(label=label, format="png", columns=MAX_IMAGES,
+                                  height=display + 64, object_fit="contain",
+                                  elem_id=f"{sampler.name}_images"))
         outputs.append(gr.Markdown(elem_id=f"{sampler.name}_time"))
     run = lambda p, s, c: generate(samplers, p, s, c, display)
     button.click(run, [text, seed, count], outputs)

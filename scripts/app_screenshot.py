@@ -40,6 +40,8 @@ def main():
   student = api.load_student(args.model)
   teacher = (api.load_teacher_sampler(args.teacher, num_steps=args.teacher_steps,
                                       guidance_scale=args.guidance) if args.teacher else None)
+  for sampler in [student] + ([teacher] if teacher else []):
+    sampler.compile(args.count)  # as python -m d2g_jax.app does before serving
   page = app.build(student, teacher, prompt=args.prompt, count=args.count)
   port = browser.free_port()
   app.launch(page, port=port, block=False)
