@@ -27,7 +27,7 @@ import numpy as np
 from d2g_jax import log
 from d2g_jax.sample import api
 
-_log = log.get_logger(__name__)
+_log = log.get_logger("d2g_jax.app")  # not "__main__" when run with python -m
 
 # Set before gradio is imported: no analytics, no version check, no hub telemetry.
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -49,19 +49,22 @@ def labelled(image_HxWx3: np.ndarray, column_labels: Sequence[str] = (),
   split into len(column_labels) equal spans (a label may name several grid columns: give
   one label per group of columns) with each label centred over its span; the height into
   len(row_labels) equal spans, each label centred vertically in the margin. Labels wider
-  than their span are not wrapped: keep them short."""
+  than their span are not wrapped (the picture widens so that none is cut off at its
+  edges, but neighbours may touch): keep them short."""
   from PIL import Image, ImageDraw, ImageFont
   font = ImageFont.load_default(size=font_size)
   width = lambda text: int(np.ceil(font.getlength(text)))
   gap = max(2, font_size // 3)
+  h, w = image_HxWx3.shape[:2]
+  span = w / max(len(column_labels), 1)
   top = font_size + 2 * gap if column_labels else 0
   left = max((width(t) for t in row_labels), default=0) + (2 * gap if row_labels else 0)
-  h, w = image_HxWx3.shape[:2]
-  out = Image.new("RGB", (left + w, top + h), "white")
+  overflow = width(column_labels[-1]) / 2 - span / 2 if column_labels else 0
+  right = int(np.ceil(overflow)) + gap if overflow > 0 else 0
+  out = Image.new("RGB", (left + w + right, top + h), "white")
   out.paste(Image.fromarray(np.asarray(image_HxWx3, np.uint8)), (left, top))
   draw = ImageDraw.Draw(out)
   for i, text in enumerate(column_labels):
-    span = w / len(column_labels)
     draw.text((left + (i + 0.5) * span, top / 2), text, fill="black", font=font, anchor="mm")
   for i, text in enumerate(row_labels):
     span = h / len(row_labels)

@@ -130,3 +130,17 @@ def test_web_page_in_headless_chromium(root, student, tmp_path, monkeypatch):
   finally:
     page.close()
   assert os.listdir(tmp_path / "gradio")
+
+
+def test_labelled_grid_margins():
+  """Headers over equal spans, row labels in a left margin, nothing cut off at the edges."""
+  from d2g_jax import grid
+  image = np.zeros((40, 60, 3), np.uint8)
+  out = grid.labelled(image, ["a", "a much longer header than its span"], ["row one", "two"])
+  h, w = out.shape[:2]
+  assert h > 40 and w > 60 + 30  # a header line; a left margin and room for the long header
+  body = out[h - 40:, :]
+  left = next(x for x in range(w) if (body[:, x] == 0).all())  # the image's first column
+  assert (out[:h - 40] < 100).any() and (out[:, :left] < 100).any()  # dark text in both margins
+  assert (out[:h - 40, -2:] == 255).all()  # the long header ends inside the picture
+  np.testing.assert_array_equal(out[h - 40:, left:left + 60], image)

@@ -38,7 +38,7 @@ from d2g_jax.data.prompts import load_prompts
 from d2g_jax.files import save_json
 from d2g_jax.sample import api
 
-_log = log.get_logger(__name__)
+_log = log.get_logger("d2g_jax.sample")  # not "__main__" when run with python -m
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,16 +102,16 @@ def speed(samples: api.Samples) -> dict:
 
 
 def comparison_grid(results: dict, rows: int) -> np.ndarray:
-  """Student beside teacher, one labelled row per image, zoomed to >= 128 pixels a side."""
+  """Student beside teacher, one labelled row per image, zoomed to >= 192 pixels a side."""
   s, t = results["student"][1], results["teacher"][1]
   rows = min(rows, len(s.images))
-  zoom = max(1, 128 // s.images.shape[1])
+  zoom = max(1, -(-192 // s.images.shape[1]))
   big = lambda x: np.repeat(np.repeat(x[:rows], zoom, axis=1), zoom, axis=2)
   image = grid.grid_image([np.stack(pair) for pair in zip(big(s.images), big(t.images))])
   meta = results["teacher"][0].meta
   shorten = lambda text: text if len(text) <= 40 else text[:37] + "..."
-  return grid.labelled(image, ["student, 1 step", f"teacher, {meta['num_steps']} steps, "
-                               f"CFG {meta['guidance_scale']:g}"],
+  return grid.labelled(image, ["student, 1 step", f"teacher, {meta['num_steps']} steps + CFG "
+                               f"{meta['guidance_scale']:g}"],
                        [f"{shorten(p)} (seed {seed})" for p, seed in zip(s.prompts, s.seeds)][:rows])
 
 

@@ -192,8 +192,13 @@ def load_student(path: str, *, weights: str = "ema", step: int | None = None,
                        "step= choose a checkpoint of a training workdir")
     folder = _folder(path, dtype, attention)
     shape = latent_shape_of(folder, height, width)
-    return ImageSampler(samplers.folder_one_step_sampler(path, folder, shape), "student",
-                        batch_size, devices)
+    try:
+      sampler = samplers.folder_one_step_sampler(path, folder, shape)
+    except ValueError as e:
+      raise ValueError(f"{e} Here: give that folder as the teacher (--teacher, "
+                       "load_teacher_sampler), and the student's exported folder or workdir as "
+                       "the model.") from e
+    return ImageSampler(sampler, "student", batch_size, devices)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"student {path!r} does not exist; give an exported pipeline folder "
                             "(the export stage's export.out_dir) or a training workdir")
