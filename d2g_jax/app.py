@@ -67,12 +67,14 @@ def describe(sampler: api.ImageSampler, samples: api.Samples) -> str:
 
 def generate(samplers: list[api.ImageSampler], prompt: str, seed: float, count: float,
              display: int) -> list:
-  """The page's one action: per sampler, its images (enlarged) and its line of timing."""
+  """The page's one action: per sampler, its images (enlarged, captioned with their seeds) and
+  its line of timing."""
   seeds = [int(seed) + i for i in range(int(count))]
   outputs = []
   for sampler in samplers:
     samples = sampler([prompt], seeds=seeds)
-    outputs += [enlarge(samples.images, display), describe(sampler, samples)]
+    captioned = [(x, f"seed {s}") for x, s in zip(enlarge(samples.images, display), seeds)]
+    outputs += [captioned, describe(sampler, samples)]
   return outputs
 
 
