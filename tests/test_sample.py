@@ -5,6 +5,7 @@ browser; tiny random models on 8 fake devices, each sampler compiled once per mo
 import io
 import json
 import os
+import socket
 
 import diffusers
 import jax
@@ -103,11 +104,14 @@ def test_seeds_noise_batches_and_one_compile(student):
 
 def test_web_page_in_headless_chromium(root, student, tmp_path, monkeypatch):
   """Type a prompt, press Generate: both samplers' images appear and decode as PNGs, each
-  sampler's time is shown, and the page asks nothing of the network."""
+  sampler's time is shown, and neither the page nor the server asks anything of the network."""
   import browser
 
   from d2g_jax import app
   monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+  connections, connect = [], socket.socket.connect
+  monkeypatch.setattr(socket.socket, "connect",
+                      lambda sock, address: connections.append(address) or connect(sock, address))
   teacher = api.load_teacher_sampler(str(root / "teacher"), num_steps=2, guidance_scale=3.0)
   page = app.build(student, teacher, count=2, display=64)
   port = browser.free_port()
@@ -130,6 +134,8 @@ def test_web_page_in_headless_chromium(root, student, tmp_path, monkeypatch):
   finally:
     page.close()
   assert os.listdir(tmp_path / "gradio")
+  inet = [a for a in connections if isinstance(a, tuple)]  # (host, port): not unix sockets
+  assert inet and all(a[0] in ("127.0.0.1", "::1") for a in inet), inet
 
 
 def test_labelled_grid_margins():
