@@ -4,8 +4,8 @@ Legend: B batch, H/W image height/width, h/w/C latent height/width/channels.
 
     student = load_student("/runs/sd15/export")            # or a training workdir
     out = student(["a photo of a cat", "a red car"], seeds=[0, 1])
-    out.images        # uint8 Bx H x W x3
-    out.latents       # float32 Bxhxwx C: the latents the VAE decoded
+    out.images        # uint8 BxHxWx3
+    out.latents       # float32 BxhxwxC: the latents the VAE decoded
     teacher = load_teacher_sampler("/models/sd15", num_steps=50, guidance_scale=3.0)
     ref = teacher(["a photo of a cat", "a red car"], seeds=[0, 1])   # the same noise
 
