@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "tensorboardX==2.6.5",   # TensorBoard event files without TensorFlow (training, evaluation)
-    "pillow==13.0.0",        # PNG sample grids, image files, resizing references
+    "pillow==12.3.0",        # PNG sample grids, image files, resizing references (< 13: Gradio's cap)
     "scipy==1.17.1",         # evaluation: the Frechet distance's matrix square root
 ]
 
@@ -39,10 +39,13 @@ DEMO = TORCH + ["scikit-learn==1.9.1"]
 # tests or the demo.
 TPU = ["libtpu==0.0.42.*"]
 
+# The web page (python -m d2g_jax.app): a student's images beside its teacher's.
+APP = ["gradio==6.31.0"]
+
 # Prompts from a tfds dataset prepared on disk (reading needs no TensorFlow).
 TFDS = ["tensorflow-datasets==4.9.10"]
 
-TEST = DEMO + TFDS + [
+TEST = DEMO + TFDS + APP + [
     "pytest==9.2.0",
     "ruff==0.17.6",        # the linter (ruff.toml); CI runs `ruff check .` before the tests
     "elatentlpips==0.2",   # official E-LatentLPIPS, a test-only numerical reference
@@ -54,6 +57,7 @@ TEST = DEMO + TFDS + [
     "pytorch-fid==0.3.0",  # FID Inception, a test-only numerical reference
     "clean-fid==0.1.35",   # FID resize / features / distance, a test-only numerical reference
     "requests==2.34.2",    # imported by clean-fid
+    "playwright==1.65.2",  # drives Debian's Chromium in the web page's test (no `playwright install`)
 ]
 
 setup(
@@ -64,5 +68,6 @@ setup(
     package_data={"d2g_jax": ["presets/*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH, "demo": DEMO, "tfds": TFDS, "tpu": TPU, "test": TEST},
+    extras_require={"torch": TORCH, "demo": DEMO, "tfds": TFDS, "tpu": TPU, "app": APP,
+                    "test": TEST},
 )

@@ -37,16 +37,17 @@ def cpu_name() -> str:
 
 
 def _command(argv: list[str]) -> str:
-  """`python benchmarks/<script> <args>` without `--record PATH` (where the record went)."""
+  """`python benchmarks/<script> <args>` without `--record PATH` (where the record went) and
+  `--note TEXT` (the record keeps the note in its own field)."""
   import os
   import shlex
   args, skip = [], False
   for a in argv[1:]:
     if skip:
       skip = False
-    elif a == "--record":
+    elif a in ("--record", "--note"):
       skip = True
-    elif not a.startswith("--record="):
+    elif not a.startswith(("--record=", "--note=")):
       args.append(a)
   return shlex.join(["python", "benchmarks/" + os.path.basename(argv[0])] + args)
 

@@ -3,10 +3,12 @@
     python benchmarks/one_step.py             # CPU, fp32, SD 1.5, batch 1, teacher at 2 steps
     python benchmarks/one_step.py --dtype bfloat16 --teacher-steps 50 --batch 1 8   # GPU
     python benchmarks/one_step.py --tiny                 # tiny models: a smoke test (seconds)
+    python benchmarks/one_step.py --model /tmp/d2g_demo/export --teacher /tmp/d2g_demo/teacher \
+        --teacher-steps 50 --guidance 4 --prompt "a handwritten digit 7" --batch 1 8   # trained
 
-Full SD 1.5 architecture with random weights (UNet 859,520,964 parameters, CLIP ViT-L/14
-text encoder, the SD VAE decoder), 64x64x4 latents = 512x512 images. Both samplers are
-the eval stage's (`evaluate.samplers`), each one jit:
+Without --model: the full SD 1.5 architecture with random weights (UNet 859,520,964
+parameters, CLIP ViT-L/14 text encoder, the SD VAE decoder), 64x64x4 latents = 512x512
+images. Both samplers are the eval stage's (`evaluate.samplers`), each one jit:
   student  tokens -> text encoder -> the UNet once at t = 999 (eps -> x0): `Generator`
   teacher  tokens -> text encoder -> `--teacher-steps` DDIM steps with CFG 3 (the
            conditional and unconditional branches in one UNet call of batch 2B)
@@ -19,6 +21,12 @@ step (the text encoder, ~1% of one step, is scaled along: slightly pessimistic f
 teacher). On a CPU, 50 real steps of the full UNet take ~10 minutes, hence the default
 of 2; on a GPU run `--teacher-steps 50`. The ratio is printed for latents alone and for
 decoded images.
+
+With --model (an exported student folder or a training workdir) and --teacher (its teacher's
+pipeline folder): trained models through the sampling API (`d2g_jax.sample`), end to end as a
+user calls it: prompts and seeds in, uint8 images out (tokenising, text encoder, the UNet once
+or `--teacher-steps` DDIM steps with CFG `--guidance`, all of them run, VAE decode, copying
+back), the same seeds for both, timed in turns; images per second of each and their ratio.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import interleaved_medians
+from common import cpu_name, interleaved_medians
 from pairs import GUIDANCE, PROMPTS, SD15_SCHEDULER
 
 from d2g_jax.convert.pipeline import PipelineInfo
@@ -85,18 +93,72 @@ def build_teacher(tiny: bool, dtype) -> tuple[Teacher, int]:
   return Teacher(info, schedule, unet, unet_params, vae, vae_params, [encoder]), side
 
 
+def trained(args):
+  """--model / --teacher: the sampling API on trained folders, images per second of each."""
+  from d2g_jax.sample import load_student, load_teacher_sampler
+  student = load_student(args.model, dtype=args.dtype, batch_size=max(args.batch))
+  teacher = load_teacher_sampler(args.teacher, num_steps=args.teacher_steps,
+                                 guidance_scale=args.guidance, dtype=args.dtype,
+                                 batch_size=max(args.batch))
+  h, w, c = student.latent_shape
+  f = student.sampler.teacher.info.vae.downscale
+  cpu = cpu_name() if jax.devices()[0].platform == "cpu" else ""
+  print(f"student {args.model} (1 step) vs teacher {args.teacher} ({args.teacher_steps} DDIM "
+        f"steps, CFG {args.guidance:g}), {args.dtype}; {h}x{w}x{c} latents -> {h * f}x{w * f} "
+        f"images, decoded; prompt {args.prompt!r}; jax on {jax.devices()[0].device_kind} {cpu}; "
+        f"median of {args.repeats}, timed in turns", flush=True)
+  recorded = []
+  for batch in args.batch:
+    seeds = list(range(batch))
+    calls = {"student": lambda: student(args.prompt, seeds=seeds),
+             "teacher": lambda: teacher(args.prompt, seeds=seeds)}
+    for name, call in calls.items():
+      first = call()
+      print(f"  batch {batch}: {name} compiled in {first.compile_seconds:.1f} s", flush=True)
+    secs = interleaved_medians(calls, args.repeats)
+    rate = {name: batch / secs[name] for name in calls}
+    speedup = secs["teacher"] / secs["student"]
+    print(f"\nbatch {batch}: student {secs['student']:.4f} s ({rate['student']:.4g} images/s), "
+          f"teacher {secs['teacher']:.4f} s ({rate['teacher']:.4g} images/s): the student makes "
+          f"{speedup:.1f}x the teacher's images per second ({cpu or jax.devices()[0].device_kind})",
+          flush=True)
+    recorded.append({"batch": batch, "seconds": secs, "student_img_per_s": rate["student"],
+                     "teacher_img_per_s": rate["teacher"], "speedup": speedup})
+  if args.record:
+    from common import record
+    record(args.record, {"model": args.label or args.model, "student": args.model,
+                         "teacher": args.teacher, "dtype": args.dtype,
+                         "teacher_steps": args.teacher_steps, "guidance_scale": args.guidance,
+                         "image_size": [h * f, w * f], "prompt": args.prompt,
+                         "repeats": args.repeats, "rows": recorded,
+                         **({"note": args.note} if args.note else {})})
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per call")
-  p.add_argument("--teacher-steps", type=int, default=2,
-                 help="DDIM steps of the teacher actually run (its 50-step time is scaled)")
+  p.add_argument("--teacher-steps", type=int, default=None,
+                 help="DDIM steps of the teacher actually run (random weights: its 50-step time "
+                      "is scaled; default 2; with --model: default 50)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--tiny", action="store_true", help="tiny models, 16x16 latents (smoke test)")
+  p.add_argument("--model", default="", help="a trained student: an exported folder or a workdir")
+  p.add_argument("--teacher", default="", help="with --model: its teacher's pipeline folder")
+  p.add_argument("--guidance", type=float, default=GUIDANCE, help="with --model: the teacher's CFG")
+  p.add_argument("--prompt", default=PROMPTS[0], help="with --model: the prompt of every image")
+  p.add_argument("--label", default="", help="with --model: the model's name in the record")
+  p.add_argument("--note", default="", help="with --model: a remark kept in the record")
   p.add_argument("--record", default="", metavar="PATH",
                  help="append this run to PATH as one JSON line (benchmarks/results/*.jsonl; benchmarks/tables.py)")
   args = p.parse_args()
+  if bool(args.model) != bool(args.teacher):
+    p.error("--model and --teacher go together (a trained student and its teacher's folder)")
+  if args.model:
+    args.teacher_steps = args.teacher_steps or 50
+    return trained(args)
+  args.teacher_steps = args.teacher_steps or 2
 
   dtype = jnp.dtype(args.dtype)
   teacher, side = build_teacher(args.tiny, dtype)
@@ -112,11 +174,7 @@ def main():
   jitted = {"student": (jax.jit(student.generate_fn), student.params),
             "teacher": (jax.jit(teacher_fn), teacher_params),
             "decode": (jax.jit(decode), teacher.vae_params)}
-  cpu = ""
-  if jax.devices()[0].platform == "cpu":
-    import subprocess
-    cpu = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True,
-                         capture_output=True, text=True).stdout.strip()
+  cpu = cpu_name() if jax.devices()[0].platform == "cpu" else ""
   print(f"{'tiny' if args.tiny else 'SD 1.5'} architecture, random weights, {args.dtype}; "
         f"{side}x{side}x4 latents -> {side * f}x{side * f} images; teacher {args.teacher_steps} "
         f"DDIM steps timed (CFG {GUIDANCE}), student 1 UNet call; jax on "

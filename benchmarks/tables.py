@@ -315,7 +315,7 @@ def pairs_table(name: str) -> str:
 
 
 def one_step_table(name: str) -> str:
-  recs = load(name)
+  recs = [rec for rec in load(name) if "student" not in rec]  # random weights, full size
   rows = []
   for i, rec in enumerate(recs, 1):
     k = rec["teacher_steps"]
@@ -333,6 +333,26 @@ def one_step_table(name: str) -> str:
               "s per decoded image, student vs teacher", "one step's speed-up (images)"]
   extra = lambda rec: (f"{rec.get('model', 'sd15')}, {rec['dtype']}, teacher timed at "
                        f"{rec['teacher_steps']} steps, median of {rec['repeats']}")
+  return table(header, rows) + "\n\n" + runs(recs, extra)
+
+
+def one_step_trained_table(name: str) -> str:
+  """`one_step.py --model --teacher`: trained folders through the sampling API, end to end."""
+  recs = [rec for rec in load(name) if "student" in rec]
+  rows = []
+  for i, rec in enumerate(recs, 1):
+    for r in rec["rows"]:
+      rows.append([run_label(i, rec), r["batch"], num(r["seconds"]["student"], 3),
+                   num(r["seconds"]["teacher"], 3),
+                   f"{num(r['student_img_per_s'], 4)} vs {num(r['teacher_img_per_s'], 4)}",
+                   f"**{ratio(r['speedup'])}**"])
+  k = recs[0]["teacher_steps"] if recs else 50
+  header = ["run", "batch", "student, 1 step (s per call)",
+            f"teacher, {k} DDIM steps with CFG (s per call)",
+            "images/s, student vs teacher", "student's speed-up"]
+  extra = lambda rec: (f"{rec['model']}, {rec['image_size'][0]}x{rec['image_size'][1]} images, "
+                       f"{rec['dtype']}, CFG {num(rec['guidance_scale'])}, prompt "
+                       f"\"{rec['prompt']}\", median of {rec['repeats']}")
   return table(header, rows) + "\n\n" + runs(recs, extra)
 
 
@@ -459,6 +479,7 @@ TABLES = {  # name: (make the markdown, the results files it reads)
     "unet_forward": (lambda: unet_forward_table("unet_forward_*.jsonl"), "unet_forward_*.jsonl"),
     "pairs": (lambda: pairs_table("pairs_*.jsonl"), "pairs_*.jsonl"),
     "one_step": (lambda: one_step_table("one_step_*.jsonl"), "one_step_*.jsonl"),
+    "one_step_trained": (lambda: one_step_trained_table("one_step_*.jsonl"), "one_step_*.jsonl"),
     "perceptual_cost": (lambda: perceptual_cost_table("perceptual_cost_*.jsonl"),
                         "perceptual_cost_*.jsonl"),
     "train_step": (lambda: train_step_table("train_step_*.jsonl"), "train_step_*.jsonl"),

@@ -1,6 +1,10 @@
 """Image grids written as PNGs: training samples, evaluation rows, the demo's picture.
 
 Legend: G images per line, N samples, H/W image height/width.
+
+`labelled(image, column_labels, row_labels)` adds a header line above a grid and a label
+column to its left (PIL's bundled default font: nothing is downloaded); the demo's picture
+and `python -m d2g_jax.sample --teacher ...`'s side-by-side grid are written with it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,35 @@ def columns_image(columns: Sequence[np.ndarray], pad: int = PAD) -> np.ndarray:
   [-1, 1]): e.g. the teacher's target beside the student's output for the same noise."""
   cols = [to_uint8(c) for c in columns]
   return grid_image([np.stack([c[i] for c in cols]) for i in range(len(cols[0]))], pad)
+
+
+def labelled(image_HxWx3: np.ndarray, column_labels: Sequence[str] = (),
+             row_labels: Sequence[str] = (), font_size: int = 14) -> np.ndarray:
+  """`image` (uint8) with a white header above it and a white margin to its left: the width is
+  split into len(column_labels) equal spans (a label may name several grid columns: give
+  one label per group of columns) with each label centred over its span; the height into
+  len(row_labels) equal spans, each label centred vertically in the margin. Labels wider
+  than their span are not wrapped (the picture widens so that none is cut off at its
+  edges, but neighbours may touch): keep them short."""
+  from PIL import Image, ImageDraw, ImageFont
+  font = ImageFont.load_default(size=font_size)
+  width = lambda text: int(np.ceil(font.getlength(text)))
+  gap = max(2, font_size // 3)
+  h, w = image_HxWx3.shape[:2]
+  span = w / max(len(column_labels), 1)
+  top = font_size + 2 * gap if column_labels else 0
+  left = max((width(t) for t in row_labels), default=0) + (2 * gap if row_labels else 0)
+  overflow = width(column_labels[-1]) / 2 - span / 2 if column_labels else 0
+  right = int(np.ceil(overflow)) + gap if overflow > 0 else 0
+  out = Image.new("RGB", (left + w + right, top + h), "white")
+  out.paste(Image.fromarray(np.asarray(image_HxWx3, np.uint8)), (left, top))
+  draw = ImageDraw.Draw(out)
+  for i, text in enumerate(column_labels):
+    draw.text((left + (i + 0.5) * span, top / 2), text, fill="black", font=font, anchor="mm")
+  for i, text in enumerate(row_labels):
+    span = h / len(row_labels)
+    draw.text((left - gap, top + (i + 0.5) * span), text, fill="black", font=font, anchor="rm")
+  return np.asarray(out)
 
 
 def save_png(image_HxWx3: np.ndarray, path: str) -> np.ndarray:

@@ -5,7 +5,8 @@ Legend: B batch, H/W/C latent height/width/channels.
 Two places hold a student:
   - a training run's checkpoints folder (`train.checkpoint_dir`): only the generator's weights
     of one step are read (`load_checkpoint`; the EMA by default), and the teacher folder gives
-    the UNet config, the schedule, the text encoders and the VAE;
+    the UNet config, the schedule, the text encoders and the VAE; a training workdir's
+    `run_config.json` (`workdir_config`) names both, and the generator's settings;
   - an exported diffusers pipeline folder (`export` stage): its UNet once at the one-step
     scheduler's timestep, read as x0 per its `prediction_type` (`load_folder`).
 
@@ -17,10 +18,13 @@ Export, evaluation and the demo's report sample the student through here.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 
+from d2g_jax.files import load_json
+from d2g_jax.infra import run_config
 from d2g_jax.infra.checkpoint import Checkpointer
 from d2g_jax.models.generator import Generator
 from d2g_jax.models.unet import UNet, init_shapes
@@ -64,6 +68,24 @@ def load_checkpoint(config, checkpoints: str, weights: str = "ema",
     key = WEIGHTS[weights]
     params = jax.device_get(ckpt.restore_partial(step, {key: abstract})[key])
   return gen, params, step
+
+
+def workdir_config(workdir: str):
+  """The config a training workdir was trained with (<workdir>/run_config.json, written by the
+  train stage with every path resolved), as a ConfigDict: `teacher.path`, the `generator`
+  block and `train.checkpoint_dir` say how to load its student (`load_checkpoint`)."""
+  import ml_collections
+  path = run_config.path(workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a training workdir (the "
+                            "train stage writes run_config.json there); give the workdir of a "
+                            "run, or an exported pipeline folder (--config.stages=export)")
+  config = ml_collections.ConfigDict(load_json(path, "run config"))
+  missing = [k for k in ("teacher", "generator", "train") if k not in config]
+  if missing:
+    raise ValueError(f"{path} has no {', '.join(missing)} block(s): not a Diffusion2GAN "
+                     "training run's config")
+  return config
 
 
 def one_step_generator(folder: Teacher) -> Generator:

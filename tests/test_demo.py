@@ -1,6 +1,6 @@
 """The digits demo (configs/demo.py) end to end at toy size: every stage runs once, in order,
 through the same code as the full demo; metrics.json has the keys scripts read; demo.png has
-one row per digit; the exported folder samples in diffusers (the report checks it against
+one labelled row per digit; the exported folder samples in diffusers (the report checks it against
 our generator); a second run redoes nothing.
 """
 
@@ -69,6 +69,13 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
   cell = 16 * config.demo.zoom  # 16 px digits, zoomed, with 1 px borders (zoomed) between
   assert picture.shape[0] >= rows * cell and picture.shape[1] >= cols * cell
   assert picture.shape[0] < picture.shape[1] * rows / cols * 1.1  # rows x columns as described
+  # Labelled: white margins with dark text above the columns (the samplers) and left of the rows.
+  for margin in (picture[:12], picture[:, :12]):
+    assert (margin > 200).all(-1).mean() > 0.9 and (margin < 100).all(-1).any()
+  # The report's last words: the command that opens the web page on this demo's student.
+  from d2g_jax.demo import report
+  assert report.app_command(run.resolve(config)).startswith(
+      f"python -m d2g_jax.app --model {tmp_path}/export --teacher {tmp_path}/teacher ")
 
   # A second run: every stage finds its result and keeps it (no file rewritten but the
   # run's bookkeeping).

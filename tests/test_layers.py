@@ -23,9 +23,9 @@ LAYERS = (
     ("data", "losses"),
     ("infra", "student"),
     ("train", "latent_lpips"),
-    ("evaluate", "aot"),
+    ("evaluate", "aot", "sample"),
     ("demo",),
-    ("config_defaults", "run", "main", "preflight"),
+    ("config_defaults", "run", "main", "preflight", "app"),
 )
 
 

@@ -98,6 +98,11 @@ def test_train_export_rerun(root, tmp_path):
   from_ckpt = jax.jit(sampler.generate_fn)(sampler.params, jnp.asarray(z),
                                            sampler.encode_fn(PROMPTS[:2]))["x"]
   assert_close_to_scale(from_ckpt, ours, 1e-5)
+  # ... and so does the sampling API from the workdir (its run_config.json names the rest).
+  from d2g_jax.sample import load_student
+  sampled = load_student(str(work))(PROMPTS[:2], noise=z)
+  assert_close_to_scale(sampled.latents, ours, 1e-5)
+  assert sampled.images.shape == (2, 32, 32, 3) and sampled.images.dtype == np.uint8
 
   # Rerunning finished stages does nothing; a float16 export loads in diffusers.
   again = run.run(config)

@@ -12,7 +12,10 @@ classified as the prompted digit and the diversity (mean pairwise RMS distance i
 pixels between samples of one prompt, averaged over digits); the student-teacher distance
 (E-LatentLPIPS with the demo's own latent VGG, mean of `demo.lpips_draws` augmentation
 draws, and latent MSE, against teacher_50) before (= teacher_1) and after distillation;
-the exported diffusers folder's one-step output against ours; seconds per stage.
+the exported diffusers folder's one-step output against ours; seconds per stage. demo.png has
+a header over each sampler's columns and the prompt at the left of each row (PIL's default
+font). The stage's last log line is the command that opens the web page (`d2g_jax.app`) on
+the exported student beside its teacher.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import time
 
 import jax
@@ -94,6 +98,7 @@ def run_report(config) -> dict:
     if old.get("inputs") == stamp:
       _log.info("%s and %s are up to date (checkpoint %d); nothing to do", picture, out_metrics,
                step)
+      _log.info("the student in a web page: %s", app_command(config))
       return old
 
   k = c.samples_per_digit
@@ -135,6 +140,8 @@ def run_report(config) -> dict:
   columns = [px[n].reshape(d, k, *px[n].shape[1:])[:, j] for n in SAMPLERS for j in range(shown)]
   image = grid.columns_image(columns, pad=1)
   image = np.repeat(np.repeat(image, c.zoom, axis=0), c.zoom, axis=1)
+  image = grid.labelled(image, column_headers(config), digits.prompts(dg.prompt),
+                        font_size=6 * c.zoom)
   os.makedirs(config.workdir, exist_ok=True)
   grid.save_png(image, picture)
   seconds_path = os.path.join(config.workdir, STAGE_SECONDS)
@@ -143,10 +150,26 @@ def run_report(config) -> dict:
   seconds["total"] = sum(v for key, v in seconds.items() if key != "total")
   metrics["seconds"] = seconds
   save_json(metrics, out_metrics)
-  _log.info("demo.png (rows: digits 0-9; columns: %d x teacher 50-step | teacher 1-step | "
-           "student 1-step) -> %s", shown, picture)
+  _log.info("demo.png (rows: digits 0-9; columns: %d x %s) -> %s", shown,
+           " | ".join(column_headers(config)), picture)
   _log.info("accuracy %s; diversity %s; E-LatentLPIPS to the teacher %.4f -> %.4f",
            json.dumps({n: round(v, 3) for n, v in metrics["accuracy"].items()}),
            json.dumps({n: round(v, 3) for n, v in metrics["diversity"].items()}),
            metrics["distance_to_teacher"]["before"], metrics["distance_to_teacher"]["after"])
+  _log.info("the student in a web page: %s", app_command(config))
   return metrics
+
+
+def column_headers(config) -> list[str]:
+  """demo.png's header over each sampler's columns (SAMPLERS' order)."""
+  return [f"teacher, {config.pairs.num_steps} steps + CFG {config.pairs.guidance_scale:g}",
+          "teacher, 1 step", "student, 1 step"]
+
+
+def app_command(config) -> str:
+  """The command that opens the web page on the exported student beside its teacher, sampled
+  as the pairs were (steps, guidance), starting with the prompt of digit 7."""
+  return shlex.join([
+      "python", "-m", "d2g_jax.app", "--model", config.export.out_dir, "--teacher",
+      config.teacher.path, "--teacher_steps", str(config.pairs.num_steps), "--guidance",
+      f"{config.pairs.guidance_scale:g}", "--prompt", digits.prompts(config.digits.prompt)[7]])

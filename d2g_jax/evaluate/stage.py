@@ -43,12 +43,10 @@ from d2g_jax.evaluate import clip_score as clip_lib
 from d2g_jax.evaluate import fid as fid_lib
 from d2g_jax.evaluate import fidelity as fidelity_lib
 from d2g_jax.evaluate import samplers as samplers_lib
-from d2g_jax.evaluate.resize import to_pixels
 from d2g_jax.files import save_json
 from d2g_jax.grid import save_grid
 from d2g_jax.infra import metrics as metrics_lib
 from d2g_jax.log import get_logger
-from d2g_jax.models.vae import decode_latents
 
 _log = get_logger(__name__)
 
@@ -141,13 +139,8 @@ def _eval_generate(sampler: samplers_lib.Sampler, metrics: Metrics, params, z_Bx
   """Latents, then pixels, then every per-sample feature, for one batch (traced once)."""
   tokens = {k: v for k, v in cond.items() if k != "clip_input_ids"}
   x_BxHxWxC = sampler.generate_fn(params["sampler"], z_BxHxWxC, tokens)["x"]
-  pixels = decode_pixels(sampler, params["vae"], x_BxHxWxC)
+  pixels = samplers_lib.decode_pixels(sampler, params["vae"], x_BxHxWxC)
   return {"x": x_BxHxWxC.astype(np.float32), **metrics.features(params["metrics"], pixels, cond)}
-
-
-def decode_pixels(sampler: samplers_lib.Sampler, vae_params, x_BxHxWxC):
-  """Latents -> 8-bit pixel values (floats in [0, 255]) with the row's VAE."""
-  return to_pixels(decode_latents(sampler.teacher.vae, vae_params, x_BxHxWxC))
 
 
 # ------------------------------------------------------------------ samples
@@ -173,7 +166,7 @@ def generate_row(config, name: str, prompts: list[str], metrics: Metrics) -> dic
   g = min(e.grid_size, len(prompts))
   if g and jax.process_index() == 0:
     x = np.stack([r["x"] for r in PairSource(out_dir).__getitems__(list(range(g)))])
-    decode = jax.jit(functools.partial(decode_pixels, sampler))
+    decode = jax.jit(functools.partial(samplers_lib.decode_pixels, sampler))
     grid = np.asarray(decode(sampler.teacher.vae_params, x)).astype(np.uint8)
   return {"manifest": manifest, "grid": grid, "meta": sampler.meta,
           "family": sampler.teacher.family}
