@@ -339,7 +339,9 @@ def test_preemption_and_lost_hosts_resume_exactly(root, two_by_two, tmp_path):
   out = launch.output()
   assert re.search(r"process 1 \(pid \d+\): killed by signal 9 \(KILL\)", out), launch.tail()
   assert re.search(r"process 0 \(pid \d+\): (exit status|killed by signal)", out), launch.tail()
-  assert "task:1" in out or "task 1" in out, launch.tail()  # JAX names the lost task
+  # The coordination service names the lost task on the survivor.
+  assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*\n\[0\] 1$", out,
+                   re.M), launch.tail()
   assert complete_steps(work)[-1] >= target
   # 3. SIGKILL of both, mid-run.
   launch = Launch(root, work, 2, 2)
@@ -370,8 +372,16 @@ def _captioned_images(folder):
 @pytest.mark.parametrize("variant", ["gdd", "latent_vgg"])
 def test_other_stages_two_by_two_equals_one_by_four(root, tmp_path, variant):
   """real_latents + the GDD-I train stage; latent_cache, latent_vgg_train and
-  latent_vgg_calibrate: the shards bit-identical, the trained weights and metrics within the
-  bound of `test_two_by_two_equals_one_by_four`."""
+  latent_vgg_calibrate, as 2 x 2 and as 1 x 4.
+
+  The encoded latents differ in the last bits between one process of 4 devices and two of 2
+  (as the pairs do, `test_two_by_two_equals_one_by_four`): within 1e-6 of their scale. The
+  GDD-I metrics: the bound of `test_two_by_two_equals_one_by_four`. The latent VGG's weights:
+  the trunk's convolution biases feed batch norm, which removes them, so their gradients are
+  rounding noise, and AdamW turns noise into steps of up to the learning rate either way: the
+  bound is 2 x lr x steps per weight; what the weights compute (held-out accuracy, 2AFC
+  agreement before and after calibration) is the same.
+  """
   import latent_vgg_data as D
   data = tmp_path / "data"
   data.mkdir()
@@ -379,29 +389,34 @@ def test_other_stages_two_by_two_equals_one_by_four(root, tmp_path, variant):
     (data / "images").mkdir()
     _captioned_images(data / "images")
     flags = [f"--config.real.images=captioned:{data / 'images'}"]
-    shard_dirs = ["real_latents"]
   else:
     images = D.make_image_folder(str(data / "images"), per_class=4)
     flags = [f"--config.latent_vgg.vae={root / 'teacher' / 'vae'}",
              f"--config.latent_vgg.cache.train=folder:{images}",
              f"--config.latent_vgg.cache.eval=folder:{images}",
              f"--config.latent_vgg.cache.bapps={D.make_bapps(str(data / 'bapps'), per_family=4)}"]
-    shard_dirs = []  # every cache folder, found below
   work = {}
   for n, d in ((2, 2), (1, 4)):
     work[n] = tmp_path / f"{n}x{d}"
     run_ok(root, work[n], n, d, *flags, variant=variant)
   two, one = work[2], work[1]
-  if variant == "latent_vgg":
-    cache = two / "latent_vgg" / "cache"
-    shard_dirs = [str(p.relative_to(two)) for p in sorted(cache.iterdir()) if p.is_dir()]
-    assert len(shard_dirs) >= 3, shard_dirs  # train, eval and the 2AFC splits
-  for name in shard_dirs:
-    a, b = records(two / name), records(one / name)
-    assert len(a) == len(b) > 0, name
+  if variant == "gdd":
+    shard_dirs = [two / "real_latents"]
+  else:
+    shard_dirs = [p for p in sorted((two / "latent_vgg" / "cache").iterdir()) if p.is_dir()]
+    assert len(shard_dirs) == 4, shard_dirs  # train, eval and the two 2AFC splits
+  for folder in shard_dirs:
+    a, b = records(folder), records(one / folder.relative_to(two))
+    assert len(a) == len(b) > 0, folder
     for ra, rb in zip(a, b):
+      assert ra.keys() == rb.keys()
       for k in rb:
-        np.testing.assert_array_equal(np.asarray(ra[k]), np.asarray(rb[k]), err_msg=f"{name} {k}")
+        x, y = np.asarray(ra[k]), np.asarray(rb[k])
+        if x.dtype.kind == "f":
+          np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * max(1.0, float(np.abs(y).max())),
+                                     err_msg=f"{folder.name} {k}")
+        else:
+          np.testing.assert_array_equal(x, y, err_msg=f"{folder.name} {k}")
   if variant == "gdd":
     ma, mb = losses(two), losses(one)
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4]
@@ -411,8 +426,16 @@ def test_other_stages_two_by_two_equals_one_by_four(root, tmp_path, variant):
       for k in sb:
         np.testing.assert_allclose(sa[k], sb[k], rtol=1e-3, atol=1e-5, err_msg=k)
   else:
-    wa = load_file(str(two / "latent_vgg" / "sd15_elatentlpips.safetensors"))
-    wb = load_file(str(one / "latent_vgg" / "sd15_elatentlpips.safetensors"))
+    from multihost_config import get_config
+    t = get_config("latent_vgg").latent_vgg.train
+    out_a, out_b = two / "latent_vgg", one / "latent_vgg"
+    wa = load_file(str(out_a / "sd15_elatentlpips.safetensors"))
+    wb = load_file(str(out_b / "sd15_elatentlpips.safetensors"))
+    steps = json.loads((out_b / "classify_results.json").read_text())["num_steps"]
     assert wa.keys() == wb.keys()
-    for k in wb:
-      np.testing.assert_allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wb)
+    assert worst <= 2 * t.lr * steps, worst
+    for name, keys in (("classify_results.json", ("top1", "top3", "num_steps")),
+                       ("calibrate_results.json", ("train", "val", "steps"))):
+      ra, rb = (json.loads((o / name).read_text()) for o in (out_a, out_b))
+      assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}, name
