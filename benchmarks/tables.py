@@ -453,9 +453,13 @@ def many_hosts_table(name: str) -> str:
   """Each stage's wall time per process layout (`benchmarks/many_hosts.py`)."""
   recs = load(name)
   rows = []
+  order = ("pairs", "real_latents", "latent_cache", "latent_vgg_train", "latent_vgg_calibrate",
+           "train", "export", "eval")  # the order the stages run in
   for i, rec in enumerate(recs, 1):
     base, other = rec["layouts"][0], rec["layouts"][1:]
-    for stage, t in rec["seconds"][base].items():
+    stages = sorted(rec["seconds"][base], key=lambda x: (order.index(x) if x in order else 99, x))
+    for stage in stages:
+      t = rec["seconds"][base][stage]
       times = [rec["seconds"][layout][stage] for layout in other]
       rows.append([run_label(i, rec), f"`{stage}`", num(t, 3), *[num(x, 3) for x in times],
                    *[ratio(x / t) for x in times]])
