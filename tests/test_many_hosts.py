@@ -294,16 +294,18 @@ def test_sigterm_to_one_process_stops_both_at_one_step(root, tmp_path):
   same command then finishes: every metric line written once, each host's pair shards, an
   exported UNet that moved from the teacher's."""
   work = tmp_path / "run"
-  stages = "--config.stages=pairs,train,export"
-  launch = Launch(root, work, 2, 2, stages)
+  steps = 8
+  flags = ("--config.stages=pairs,train,export", f"--config.train.num_steps={steps}")
+  launch = Launch(root, work, 2, 2, *flags)
   wait_for_checkpoint(launch, work, 2)
   os.kill(launch.pids()[1], signal.SIGTERM)
   assert launch.wait() == 0, launch.tail()
   stopped = agreed_stop(launch.output(), "export")
-  assert complete_steps(work)[-1] == stopped and not (work / "export").exists()
-  out = run_ok(root, work, 2, 2, stages)
+  assert stopped < steps and complete_steps(work)[-1] == stopped
+  assert not (work / "export").exists()
+  out = run_ok(root, work, 2, 2, *flags)
   assert f"resuming from checkpoint {stopped}" in out
-  assert [m["step"] for m in losses(work)] == list(range(1, STEPS + 1))
+  assert [m["step"] for m in losses(work)] == list(range(1, steps + 1))
   hosts = sorted(json.loads(p.read_text())["host"] for p in (work / "pairs").glob("*.json")
                  if p.name != "manifest.json")
   assert hosts == [0, 0, 1, 1]  # 4 shards, 2 written by each host

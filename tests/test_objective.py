@@ -114,6 +114,7 @@ def make_objective(teacher, regression="mse", **kw):
   return obj, state, {"loss": loss_params}
 
 
+@pytest.mark.slow  # ~135 s; the default suite's demo test shows distillation learning end to end
 def test_training_fits_pairs_and_separates_logits(pairs):
   """A few hundred steps: the regression loss falls far below its value at init, and D
   tells the real latents from the generated ones."""
@@ -166,6 +167,7 @@ def test_split_microbatches_keeps_each_devices_rows():
     steps.split_microbatches({"x": a}, 5)
 
 
+@pytest.mark.slow  # ~105 s
 def test_microbatches_accumulate_the_whole_batch_update_with_r1(pairs):
   """Gradient accumulation: with SGD at lr 1 the update is minus the gradient, and 4
   microbatches give the whole batch's D and G updates and its metrics, with R1 on: R1 runs
@@ -249,6 +251,7 @@ def test_generator_head_and_x0_in_float32(prediction_type):
   assert not np.allclose(jax.jit(fp32.unet_output)(params["params"], z, cond), pred, atol=1e-4)
 
 
+@pytest.mark.slow  # ~65 s
 def test_every_random_key_of_a_train_step_is_distinct(pairs, monkeypatch):
   """Named streams never collide: every key one train step derives (fold_in or split, run
   inside the jitted step, recorded by a callback) is different from every other, with 4
