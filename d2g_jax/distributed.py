@@ -142,3 +142,12 @@ def on_process_zero(name: str, fn: Callable[[], T], timeout_s: float = 24 * 3600
   except TypeError:
     raised = RuntimeError(error["message"])
   raise raised
+
+
+def compile_then_wait(fn, *args, name: str) -> None:
+  """`fn` (a jitted function) compiled for `args` now (its next call reuses the program), then
+  every host waits for the others: a host that compiles slower (no cache entry: JAX writes the
+  persistent cache from process 0 only) would otherwise leave the others waiting in the first
+  collective, and CPU collectives (gloo) give up after ~30 s. One process: only the compile."""
+  fn.lower(*args).compile()
+  barrier(f"{name} compiled")

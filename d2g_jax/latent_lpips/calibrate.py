@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from d2g_jax import files, lock, parallel
+from d2g_jax import distributed, files, lock, parallel
 from d2g_jax.convert import lpips as convert_lpips
 from d2g_jax.data import source
 from d2g_jax.data.latent_cache import BAPPS_SPLITS, paths
@@ -259,13 +259,18 @@ def run_calibrate(config) -> dict:
       state = ckpt.restore(latest, checkpoint.abstract_like(state))
       _log.info("resumed at epoch %s", latest // steps_per_epoch)
     lo = jax.process_index() * b
+    compiled = False
     for epoch in range(int(state["step"]) // steps_per_epoch, num_epochs):
       order = np.random.default_rng([config.seed, epoch]).permutation(n)
       losses = []
       for i in range(steps_per_epoch):
         rows = order[i * c.batch_size + lo:i * c.batch_size + lo + b]
         batch = {"f0": train["f0"][rows], "f1": train["f1"][rows], "judge": train["judge"][rows]}
-        state, out = step_fn(state, parallel.host_to_global(batch, mesh))
+        batch = parallel.host_to_global(batch, mesh)
+        if not compiled:  # this run's first step
+          distributed.compile_then_wait(step_fn, state, batch, name="latent_vgg_calibrate step")
+          compiled = True
+        state, out = step_fn(state, batch)
         losses.append(out["loss"])
       step = (epoch + 1) * steps_per_epoch
       loss = metrics.to_floats(step, {"loss": jnp.mean(jnp.stack(losses))})["loss"]

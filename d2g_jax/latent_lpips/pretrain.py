@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2g_jax import dtypes, files, lock, parallel
+from d2g_jax import distributed, dtypes, files, lock, parallel
 from d2g_jax.data import source
 from d2g_jax.data.latent_cache import paths
 from d2g_jax.data.writer import sha256_json
@@ -269,7 +269,10 @@ def run_train(config) -> dict:
 
     pending = None  # step s's metrics are fetched after step s + 1 is dispatched
     for step in range(first + 1, num_steps + 1):
-      state, out = step_fn(state, parallel.host_to_global(next(it), mesh))
+      batch = parallel.host_to_global(next(it), mesh)
+      if step == first + 1:
+        distributed.compile_then_wait(step_fn, state, batch, name="latent_vgg_train step")
+      state, out = step_fn(state, batch)
       if pending is not None:
         log_metrics(*pending)
         pending = None
