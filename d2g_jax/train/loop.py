@@ -138,8 +138,8 @@ def run_train(config) -> dict[str, Any]:
         host = next(it)
         batch = parallel.host_to_global({k: host[k] for k in keys}, mesh)
         if step == start:
-          step_fns = compile_steps(step_fns, (state, consts, batch), r1_steps, start,
-                                   t.num_steps, obj.r1_interval)
+          compile_steps(step_fns, (state, consts, batch), r1_steps, start, t.num_steps,
+                        obj.r1_interval)
         do_r1 = r1_steps and step % obj.r1_interval == 0
         state, device_metrics = step_fns[do_r1](state, consts, batch)
         if pending is not None:  # the previous step's metrics, while this one runs
@@ -173,18 +173,15 @@ def run_train(config) -> dict[str, Any]:
 
 
 def compile_steps(step_fns: dict, args: tuple, r1_steps: bool, start: int, stop: int,
-                  interval: int) -> dict:
-  """The step programs this run calls (with and without R1), compiled now, and every host
-  waiting for the others before the first step: a host that compiles slower (no cache entry,
-  a busier machine) would otherwise leave the others waiting in the step's first collective,
-  and CPU collectives (gloo) give up after 30 s."""
+                  interval: int) -> None:
+  """Compiles the step programs this run calls (with and without R1) before the first step,
+  every host then waiting for the others (`distributed.compile_then_wait`)."""
   needed = {r1_steps and step % interval == 0 for step in range(start, min(stop, start + interval))}
   began = time.time()
-  compiled = {r: step_fns[r].lower(*args).compile() for r in sorted(needed)}
-  _log.info("train step%s compiled in %.1f s", "s" if len(compiled) > 1 else "",
+  for r in sorted(needed):
+    distributed.compile_then_wait(step_fns[r], *args, name=f"train step (R1 {r})")
+  _log.info("train step%s compiled in %.1f s", "s" if len(needed) > 1 else "",
             time.time() - began)
-  distributed.barrier("train steps compiled")
-  return compiled
 
 
 def log_sizes(abstract, t) -> None:
